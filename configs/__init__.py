@@ -1,0 +1,1 @@
+"""YAML presets, shipped with the package so that `--preset NAME` works from any install."""

@@ -1,0 +1,15 @@
+"""Top-level typer app; each command lives in its own module."""
+
+from __future__ import annotations
+
+import typer
+
+from musc_edge.cli import eval_cmd, weights_cmd
+
+app = typer.Typer(
+    help="MuSc zero-shot anomaly detection for production lines.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+app.command("eval")(eval_cmd.evaluate)
+app.add_typer(weights_cmd.app, name="weights")

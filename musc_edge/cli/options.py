@@ -1,0 +1,88 @@
+"""Options shared by several commands, declared once so their help text stays the same."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from musc_edge.precision import Precision
+
+Preset = typer.Option(
+    None, "--preset", help="Preset name from configs/ or a YAML file (default dinov2-vits14-224)."
+)
+Backbone = typer.Option(
+    None, "--backbone", "-b", help="Backbone, e.g. dinov2-vits14, ViT-L-14-336."
+)
+ImageSize = typer.Option(
+    None, "--image-size", "-s", help="Square input size, a multiple of the patch."
+)
+Layers = typer.Option(None, "--layers", help="1-based blocks, comma separated, e.g. 6,12,18,24.")
+PrecisionOpt = typer.Option(
+    None, "--precision", help="Similarity precision: fp32 (exact), bf16, fp16."
+)
+Weights = typer.Option(
+    None, "--weights", help="Local weights file (safetensors or torch state dict)."
+)
+Pretrained = typer.Option(None, "--pretrained", help="Hub tag, e.g. openai (needs hub access).")
+RandomInit = typer.Option(
+    False, "--random-init", help="Random weights: tests and shape checks only."
+)
+Device = typer.Option("auto", "--device", help="cpu, cuda, or auto (cuda when available).")
+
+
+def parse_layers(text: str | None) -> tuple[int, ...] | None:
+    """'6,12,18,24' -> (6, 12, 18, 24), with a clear error for anything else."""
+    if text is None:
+        return None
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise typer.BadParameter(
+            f"--layers takes comma-separated block numbers, got {text!r}"
+        ) from None
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise typer.BadParameter("--device cuda asked for, but torch sees no CUDA device")
+    return device
+
+
+def build_config(
+    preset: str | None,
+    backbone: str | None,
+    image_size: int | None,
+    layers: str | None,
+    precision: Precision | None,
+):
+    """The preset with command-line overrides applied."""
+    from musc_edge.config import DEFAULT_PRESET, load_preset
+
+    config = load_preset(preset or DEFAULT_PRESET)
+    if backbone and backbone != config.backbone and layers is None:
+        config = config.override(layers=())  # another backbone: its own default blocks
+    return config.override(
+        backbone=backbone,
+        image_size=image_size,
+        layers=parse_layers(layers),
+        precision=precision.value if precision else None,
+    )
+
+
+def build_backbone(config, weights: Path | None, pretrained: str | None, random_init: bool):
+    """The workstation backbone for a config; imports the model zoo only when needed."""
+    from musc_edge.models import create_backbone
+
+    return create_backbone(
+        config.backbone,
+        config.image_size,
+        config.layers or None,
+        weights=weights,
+        pretrained=pretrained,
+        random_init=random_init,
+    )

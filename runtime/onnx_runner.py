@@ -1,0 +1,49 @@
+"""ONNX Runtime runner: the package's backbone.onnx on the best execution provider present."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from musc_edge.package import ONNX_FILE, ModelPackage, PackageError
+from musc_edge.runtime.runners import Runner
+
+PREFERRED_PROVIDERS = (
+    "TensorrtExecutionProvider",
+    "CUDAExecutionProvider",
+    "CPUExecutionProvider",
+)
+EMBEDDING_OUTPUT = "embedding"
+
+
+def choose_providers(available: list[str]) -> list[str]:
+    """TensorRT, then CUDA, then CPU, keeping only those this onnxruntime build offers."""
+    return [name for name in PREFERRED_PROVIDERS if name in available]
+
+
+class OnnxRuntimeRunner(Runner):
+    name = "onnxruntime"
+
+    def __init__(self, package: ModelPackage) -> None:
+        super().__init__(package)
+        path = package.path(ONNX_FILE)
+        if not path.is_file():
+            raise PackageError(f"{package.folder} has no {ONNX_FILE}; export the package again")
+        providers = choose_providers(ort.get_available_providers())
+        self.session = ort.InferenceSession(str(path), providers=providers)
+        self.outputs = [*package.token_outputs, EMBEDDING_OUTPUT]
+        present = {output.name for output in self.session.get_outputs()}
+        missing = [name for name in self.outputs if name not in present]
+        if missing:
+            raise PackageError(
+                f"{path} lacks the outputs {missing} that {package.folder}/musc.json names; "
+                "the graph and the manifest do not belong together, export again"
+            )
+        self.input_name = self.session.get_inputs()[0].name
+        used = ", ".join(self.session.get_providers())
+        self.description = f"onnxruntime {ort.__version__} ({used})"
+
+    def __call__(self, batch: np.ndarray) -> tuple[list[torch.Tensor], torch.Tensor]:
+        *tokens, embedding = self.session.run(self.outputs, {self.input_name: batch})
+        return [torch.from_numpy(layer) for layer in tokens], torch.from_numpy(embedding)

@@ -1,0 +1,71 @@
+"""Torch runner (development): rebuilds the package's backbone in-process from musc.json.
+
+The only runtime module that touches the model zoo, and only inside its constructor, so a
+device that runs TensorRT or ONNX Runtime never needs open_clip or timm installed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from musc_edge.features import torch_extractor
+from musc_edge.package import ModelPackage, PackageError
+from musc_edge.runtime.runners import Runner
+
+
+def weights_arguments(package: ModelPackage, allow_random_init: bool) -> dict:
+    """`create_backbone` keywords for the package's weights_source."""
+    kind, _, value = package.weights_source.partition(":")
+    if kind == "fetched":
+        if value != package.backbone:
+            raise PackageError(
+                f"{package.folder}: weights_source {package.weights_source!r} does not belong to "
+                f"backbone {package.backbone}"
+            )
+        return {}  # create_backbone falls back to the fetched cache
+    if kind == "file":
+        path = Path(value)
+        return {"weights": path if path.is_absolute() else package.path(value)}
+    if kind == "pretrained":
+        return {"pretrained": value}
+    if kind == "random-init":
+        if not allow_random_init:
+            raise PackageError(
+                f"{package.folder} was exported with random weights; its scores mean nothing. "
+                "Allow it explicitly (--allow-random-init) for tests only"
+            )
+        return {"random_init": True}
+    raise PackageError(f"{package.folder}: unknown weights_source {package.weights_source!r}")
+
+
+class TorchRunner(Runner):
+    name = "torch"
+
+    def __init__(self, package: ModelPackage, allow_random_init: bool = False) -> None:
+        super().__init__(package)
+        from musc_edge.models import MissingWeightsError, create_backbone
+
+        try:
+            backbone = create_backbone(
+                package.backbone,
+                package.image_size,
+                package.layers,
+                **weights_arguments(package, allow_random_init),
+            )
+        except MissingWeightsError as error:
+            raise PackageError(str(error)) from None
+        recorded, found = package.weights_sha256, backbone.weights.sha256
+        if recorded and found and recorded != found:
+            raise PackageError(
+                f"{package.folder} was exported from weights with sha256 {recorded[:12]}..., "
+                f"but {backbone.weights.source} has {found[:12]}...; the scores would differ"
+            )
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.extract = torch_extractor(backbone, device)
+        self.description = f"torch {torch.__version__} on {device} ({backbone.weights.source})"
+
+    def __call__(self, batch: np.ndarray) -> tuple[list[torch.Tensor], torch.Tensor]:
+        return self.extract(batch)

@@ -6,10 +6,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from musc_edge.models.registry import BackboneSpec
 from torch import nn
 
 from musc_edge.images import Preprocess
+from musc_edge.models.registry import BackboneSpec
 
 
 @dataclass(frozen=True)

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from musc_edge.models.backbone import Backbone, WeightsInfo, resample_position_grid
 from musc_edge.models.registry import BackboneSpec
-from torch import nn
 
 
 class ClipTower(Backbone):

@@ -6,6 +6,8 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
+from torch import nn
+
 from musc_edge.models.backbone import Backbone, WeightsInfo, resample_position_grid
 from musc_edge.models.clip import ClipTower
 from musc_edge.models.dinov2 import Dinov2Tower
@@ -17,7 +19,6 @@ from musc_edge.models.weights import (
     missing_weights,
     sha256_of,
 )
-from torch import nn
 
 
 def create_backbone(

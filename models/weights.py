@@ -10,8 +10,9 @@ import os
 from pathlib import Path
 
 import torch
-from musc_edge.models.registry import BackboneSpec
 from platformdirs import user_cache_dir
+
+from musc_edge.models.registry import BackboneSpec
 
 FETCHED_FILES = {"dinov2-vits14": "dinov2-vits14-imgfocus.safetensors"}
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from safetensors.torch import save_file
+
 from musc_edge.models import MissingWeightsError, create_backbone
 from musc_edge.models.weights import sha256_of
-from safetensors.torch import save_file
 
 
 @pytest.mark.parametrize(

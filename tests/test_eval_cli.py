@@ -7,8 +7,9 @@ import json
 import cv2
 import numpy as np
 import pytest
-from musc_edge.cli import app
 from typer.testing import CliRunner
+
+from musc_edge.cli import app
 
 runner = CliRunner()
 

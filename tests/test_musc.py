@@ -8,11 +8,11 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+
 from musc_edge import MuSc, MuScInputError
 from musc_edge.lnamd import lnamd
 from musc_edge.msm import msm_scores
 from musc_edge.rscin import min_max, rscin
-
 from tests.reference_musc import musc_f64
 
 

@@ -1,0 +1,1 @@
+"""Workstation side: backbone -> ONNX graph -> TensorRT engine, as a verified model package."""

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from musc_edge.models.backbone import Backbone, WeightsInfo, resample_position_grid
@@ -20,6 +22,8 @@ from musc_edge.models.weights import (
     sha256_of,
 )
 
+RANDOM_INIT_SEED = 0
+
 
 def create_backbone(
     name: str,
@@ -33,8 +37,8 @@ def create_backbone(
     """Build a backbone in eval mode.
 
     Weights, in order: `weights` (a local file), `pretrained` (a hub tag), `random_init`
-    (tests only); with none of them, the cache filled by `musc-edge weights fetch`. No hub is
-    contacted unless `pretrained` is given.
+    (tests only, seeded so it is the same everywhere); with none of them, the cache filled by
+    `musc-edge weights fetch`. No hub is contacted unless `pretrained` is given.
     """
     spec = get_spec(name)
     if sum((weights is not None, pretrained is not None, random_init)) > 1:
@@ -51,9 +55,19 @@ def create_backbone(
     info = WeightsInfo(source, sha256_of(weights) if weights else None)
     size = image_size or spec.native_size
     chosen = tuple(layers) if layers else spec.default_layers
-    if spec.family == "clip":
-        return ClipTower(spec, _clip_visual(spec, pretrained, weights), size, chosen, info)
-    return Dinov2Tower(spec, _dinov2_vit(spec, size, pretrained, weights), size, chosen, info)
+    with seeded(RANDOM_INIT_SEED) if random_init else contextlib.nullcontext():
+        if spec.family == "clip":
+            return ClipTower(spec, _clip_visual(spec, pretrained, weights), size, chosen, info)
+        return Dinov2Tower(spec, _dinov2_vit(spec, size, pretrained, weights), size, chosen, info)
+
+
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Random weights that are the same on every machine, so that a random-init package's
+    torch reference rebuilds exactly what was exported; the caller's RNG state is kept."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
 
 
 def _clip_visual(spec: BackboneSpec, pretrained: str | None, weights: Path | None) -> nn.Module:

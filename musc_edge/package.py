@@ -1,8 +1,9 @@
 """The model package: a folder whose `musc.json` says everything a runtime needs.
 
-Written by `musc-edge export` on a workstation, read by the runtime on the device. Reading
-checks every listed artifact's sha256, so a damaged or mismatched package is refused with one
-line saying what is wrong instead of producing wrong scores.
+Written by `musc-edge export` on a workstation, completed by `musc-edge engine build` on the
+device, read by the runtime. Reading checks every listed artifact's sha256, so a damaged or
+mismatched package is refused with one line saying what is wrong instead of producing wrong
+scores. `parity.json` beside it reports how closely each engine reproduces the torch model.
 """
 
 from __future__ import annotations
@@ -10,8 +11,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from collections.abc import Collection, Mapping
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
+
+import numpy as np
 
 from musc_edge.images import Preprocess
 
@@ -21,6 +25,11 @@ FORMAT_VERSION = 1
 ONNX_FILE = "backbone.onnx"
 ENGINE_FILE = "backbone.engine"
 PARITY_FILE = "parity.json"
+# One preprocessed image and the torch model's outputs for it: lets the device check an
+# engine it builds against the workstation's torch model without having that model.
+PARITY_REFERENCE_FILE = "parity_reference.npz"
+INPUT_NAME = "images"
+EMBEDDING_NAME = "embedding"
 
 
 class PackageError(ValueError):
@@ -42,7 +51,12 @@ def tensor_names(layers: list[int]) -> list[str]:
 
 @dataclass
 class ModelPackage:
-    """The parsed `musc.json` of one package folder."""
+    """The parsed `musc.json` of one package folder.
+
+    `precision` and `max_batch` are what the TensorRT engine is (or is to be) built with;
+    `engine` is None until one is built, then names the GPU, compute capability and TensorRT
+    version it runs on (an engine is not portable).
+    """
 
     backbone: str
     weights_source: str
@@ -55,10 +69,12 @@ class ModelPackage:
     preprocess: dict
     precision: str
     max_batch: int
-    musc: dict  # default MuSc settings: r_list, frac, k_list
+    musc: dict  # default MuSc settings: r_list, frac, k_list, precision (of the similarity)
     versions: dict[str, str | None]
     artifacts: dict[str, dict] = field(default_factory=dict)  # file -> {sha256, bytes}
-    engine: dict | None = None  # GPU name, compute capability, TensorRT version
+    engine: dict | None = None
+    onnx_opset: int | None = None
+    created: str | None = None  # ISO 8601, UTC
     folder: Path | None = None
 
     @property
@@ -69,6 +85,20 @@ class ModelPackage:
     def token_outputs(self) -> list[str]:
         return tensor_names(self.layers)
 
+    @property
+    def output_names(self) -> list[str]:
+        """Every graph output, in graph order: the block tokens, then the embedding."""
+        return [*self.token_outputs, EMBEDDING_NAME]
+
+    def tensor_shapes(self) -> dict[str, list[int]]:
+        """Shape of the input and of each output, -1 for the (dynamic) batch."""
+        tokens = [-1, self.grid * self.grid, self.token_dim]
+        return {
+            INPUT_NAME: [-1, 3, self.image_size, self.image_size],
+            **{name: tokens for name in self.token_outputs},
+            EMBEDDING_NAME: [-1, self.embedding_dim],
+        }
+
     def preprocessing(self) -> Preprocess:
         return Preprocess.from_dict(self.preprocess)
 
@@ -78,9 +108,11 @@ class ModelPackage:
         return self.folder / name
 
     def to_dict(self) -> dict:
+        """The manifest, with the derived grid and tensor shapes spelled out for readers."""
         data = asdict(self)
         data.pop("folder")
-        return {"format": FORMAT, "format_version": FORMAT_VERSION, "grid": self.grid, **data}
+        derived = {"grid": self.grid, "tensors": {"dtype": "float32", **self.tensor_shapes()}}
+        return {"format": FORMAT, "format_version": FORMAT_VERSION, **derived, **data}
 
     @classmethod
     def from_dict(cls, data: dict, folder: Path | None = None) -> ModelPackage:
@@ -91,10 +123,12 @@ class ModelPackage:
                 f"{folder}: package format {data.get('format_version')} is not supported by "
                 f"this musc-edge (format {FORMAT_VERSION}); export the package again"
             )
-        known = {name for name in cls.__dataclass_fields__ if name != "folder"}
-        missing = known - set(data) - {"artifacts", "engine"}
+        stored = [f for f in fields(cls) if f.name != "folder"]
+        required = {f.name for f in stored if f.default is MISSING and f.default_factory is MISSING}
+        missing = required - set(data)
         if missing:
             raise PackageError(f"{folder}: {MANIFEST} lacks {sorted(missing)}; export again")
+        known = {f.name for f in stored}
         return cls(**{k: v for k, v in data.items() if k in known}, folder=folder)
 
     def record_artifact(self, name: str) -> None:
@@ -104,16 +138,23 @@ class ModelPackage:
 
     def write(self) -> None:
         """Write musc.json atomically into the package folder."""
-        target = self.path(MANIFEST)
-        partial = target.with_name(f".{MANIFEST}.partial")
-        partial.write_text(json.dumps(self.to_dict(), indent=2))
-        os.replace(partial, target)
+        write_json_atomic(self.path(MANIFEST), self.to_dict())
 
 
-def load_package(folder: Path, image_size: int | None = None) -> ModelPackage:
+def write_json_atomic(path: Path, payload: dict) -> None:
+    """Write through a temporary file and rename, so a crash never leaves half a JSON."""
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(json.dumps(payload, indent=2))
+    os.replace(partial, path)
+
+
+def load_package(
+    folder: Path, image_size: int | None = None, *, skip: Collection[str] = ()
+) -> ModelPackage:
     """Read and verify a package: manifest present and current, every artifact intact.
 
     `image_size`, when given, must match the package's: an engine has one fixed resolution.
+    `skip` names artifacts not to verify, such as an engine that is about to be rebuilt.
     """
     folder = Path(folder)
     manifest = folder / MANIFEST
@@ -126,6 +167,8 @@ def load_package(folder: Path, image_size: int | None = None) -> ModelPackage:
     except json.JSONDecodeError as error:
         raise PackageError(f"{manifest} is not valid JSON ({error}); export again") from None
     for name, info in package.artifacts.items():
+        if name in skip:
+            continue
         path = folder / name
         if not path.is_file():
             raise PackageError(f"{folder}: {name} is missing; export or build it again")
@@ -140,3 +183,42 @@ def load_package(folder: Path, image_size: int | None = None) -> ModelPackage:
             "export a package at that size"
         )
     return package
+
+
+def compare_outputs(
+    reference: Mapping[str, np.ndarray],
+    outputs: Mapping[str, np.ndarray],
+    tolerance: float,
+    **details: object,
+) -> dict:
+    """One runner's parity.json entry: per output max_abs = max |out - ref| and
+    max_rel = max_abs / max |ref|, the worst max_rel, and whether it is within `tolerance`.
+
+    Relative to the output's largest magnitude rather than element by element, so that
+    values near zero do not turn rounding noise into huge ratios. NaN or inf count as inf.
+    """
+    errors = {}
+    for name, ref in reference.items():
+        ref64 = np.asarray(ref, np.float64)
+        diff = np.abs(np.asarray(outputs[name], np.float64) - ref64)
+        max_abs = float(diff.max()) if np.isfinite(diff).all() else float("inf")
+        errors[name] = {
+            "max_abs": max_abs,
+            "max_rel": max_abs / (float(np.abs(ref64).max()) or 1.0),
+        }
+    worst = max(error["max_rel"] for error in errors.values())
+    return {
+        **details,
+        "tolerance": tolerance,
+        "max_rel": worst,
+        "passed": worst <= tolerance,
+        "outputs": errors,
+    }
+
+
+def record_parity(folder: Path, runner: str, entry: dict) -> None:
+    """Set one runner's entry in the folder's parity.json, keeping the others."""
+    path = Path(folder) / PARITY_FILE
+    report = json.loads(path.read_text()) if path.is_file() else {}
+    report[runner] = entry
+    write_json_atomic(path, report)

@@ -22,8 +22,6 @@ from musc_edge.images import IMAGE_SUFFIXES, ImageReadError, read_image
 from musc_edge.package import file_sha256
 from musc_edge.runtime.journal import Key
 
-cv2.setLogLevel(0)  # half-written files are expected here; their decoder errors are not news
-
 
 def is_candidate(name: str) -> bool:
     """An image name, not a hidden, backup or in-progress one.
@@ -77,7 +75,9 @@ class CameraDir:
         self.exclude = exclude.resolve() if exclude else None
         self.clock = clock
         self.watched: dict[Path, _Watched] = {}
-        self.seen: set[Key] = set()
+        self.handed_out = 0
+        # half-written files are expected here; OpenCV's decoder complaints about them are not news
+        cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
 
     @property
     def pending(self) -> int:
@@ -97,7 +97,6 @@ class CameraDir:
             if key in self.answered:
                 continue
             present.add(path)
-            self.seen.add(key)
             old = self.watched.get(path)
             if old is None or (old.size, old.mtime_ns) != key[1:]:
                 self.watched[path] = _Watched(info.st_size, info.st_mtime_ns, now)
@@ -160,6 +159,7 @@ class CameraDir:
         del self.watched[path]
         key = (self.relative(path), state.size, state.mtime_ns)
         self.answered.add(key)
+        self.handed_out += 1
         if "sha256" not in found:
             with contextlib.suppress(OSError):  # unreadable: the error already says so
                 found["sha256"] = file_sha256(path)

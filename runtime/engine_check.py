@@ -24,5 +24,6 @@ def check_engine(package: ModelPackage, here: dict[str, str]) -> None:
         raise RunnerError(
             f"{package.path(ENGINE_FILE)} was built for another platform: "
             + ", ".join(differences)
-            + "; rebuild it on this device (musc-edge export --engine) or use --engine onnxruntime"
+            + f"; rebuild it on this device (musc-edge engine build --model {package.folder} "
+            "--force) or use --engine onnxruntime"
         )

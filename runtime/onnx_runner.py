@@ -14,7 +14,6 @@ PREFERRED_PROVIDERS = (
     "CUDAExecutionProvider",
     "CPUExecutionProvider",
 )
-EMBEDDING_OUTPUT = "embedding"
 
 
 def choose_providers(available: list[str]) -> list[str]:
@@ -32,7 +31,7 @@ class OnnxRuntimeRunner(Runner):
             raise PackageError(f"{package.folder} has no {ONNX_FILE}; export the package again")
         providers = choose_providers(ort.get_available_providers())
         self.session = ort.InferenceSession(str(path), providers=providers)
-        self.outputs = [*package.token_outputs, EMBEDDING_OUTPUT]
+        self.outputs = package.output_names
         present = {output.name for output in self.session.get_outputs()}
         missing = [name for name in self.outputs if name not in present]
         if missing:

@@ -20,6 +20,7 @@ from musc_edge.visualize import overlay, write_png
 
 PREVIEW_SIDE = 1024  # overlays are for eyes: bound their size, and the memory held per image
 REJECTED_DIR = "rejected"
+MANIFEST_FILE = "manifest.json"
 
 
 def batch_dir(out_dir: Path, batch: int) -> Path:
@@ -49,28 +50,32 @@ def write_visuals(
     heat: np.ndarray,
     patch_map: torch.Tensor,
     shape: tuple[int, int],
-    threshold: float | None,
+    mask_threshold: float | None,
 ) -> tuple[str, str | None]:
     """Overlay PNG (heat over the preview) and, with a threshold, the binary mask PNG at the
-    image's own size (pixels scoring above the threshold); paths relative to OUT.
+    image's own size (pixels whose patch distance is above it); paths relative to OUT.
     """
     folder = batch_dir(out_dir, batch)
     name = Path(file).with_suffix(".png")
     overlay_path = folder / "overlays" / name
     write_png(overlay_path, overlay(image_preview, heat))
-    if threshold is None:
+    if mask_threshold is None:
         return overlay_path.relative_to(out_dir).as_posix(), None
     mask_path = folder / "masks" / name
-    write_png(mask_path, (pixel_map(patch_map, shape) > threshold).astype(np.uint8) * 255)
+    write_png(mask_path, (pixel_map(patch_map, shape) > mask_threshold).astype(np.uint8) * 255)
     return overlay_path.relative_to(out_dir).as_posix(), mask_path.relative_to(out_dir).as_posix()
 
 
 def write_manifest(folder: Path, summary: dict) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    target = folder / "manifest.json"
+    target = folder / MANIFEST_FILE
     partial = target.with_name(f".{target.name}.partial")
     partial.write_text(json.dumps(summary, indent=2))
     os.replace(partial, target)
+
+
+def read_manifest(path: Path) -> dict:
+    return json.loads(path.read_text())
 
 
 def set_aside(out_dir: Path, path: Path, file: str, sha256: str | None) -> str | None:

@@ -53,7 +53,7 @@ def open_runner(
             continue
         try:
             return _open(name, package, allow_random_init)
-        except RunnerError as error:
+        except PackageError as error:  # RunnerError included
             reasons.append(f"{name}: {error}")
     raise RunnerError(f"no engine can run {package.folder} here: " + "; ".join(reasons))
 
@@ -76,6 +76,7 @@ def _open(name: str, package: ModelPackage, allow_random_init: bool) -> Runner:
 
         return TorchRunner(package, allow_random_init)
     except ImportError as error:
+        missing = error.name or error
         raise RunnerError(
-            f"the {name} engine needs {error.name or error}: pip install 'musc-edge[{_EXTRA[name]}]'"
+            f"the {name} engine needs {missing}: install musc-edge with the {_EXTRA[name]} extra"
         ) from None

@@ -18,8 +18,8 @@ import torch
 from musc_edge.musc import RELIABLE_BATCH, MuSc
 from musc_edge.rscin import rscin
 from musc_edge.runtime.camera import Arrival
-from musc_edge.runtime.reference import reference_patch_scores
-from musc_edge.runtime.threshold import in_raw_units, pick_threshold
+from musc_edge.runtime.reference import pooled_sets, reference_patch_scores
+from musc_edge.runtime.threshold import pick_threshold, pixel_threshold
 from musc_edge.visualize import normalise_maps
 
 
@@ -37,14 +37,15 @@ class Item:
 
 @dataclass
 class Answer:
-    """One image's scores (raw units), maps and the threshold it was labelled against."""
+    """One image's scores, maps and the threshold it was labelled against."""
 
     item: Item
-    score: float
-    raw_score: float
-    patch_map: torch.Tensor  # (h, h)
+    score: float  # RsCIN, [0, 1] within the batch or window
+    raw_score: float  # max of the patch map (a patch distance)
+    patch_map: torch.Tensor  # (h, h) patch distances
     heat: np.ndarray  # (h, h) in [0, 1], normalised per --map-norm
-    threshold: float | None
+    threshold: float | None  # on `score`
+    mask_threshold: float | None  # the same threshold on patch distances
     warning: str | None = None
 
 
@@ -58,11 +59,12 @@ def score_batch(
         warnings.simplefilter("always")
         result = musc.score(tokens, embeddings)
     warning = "; ".join(str(w.message) for w in caught) or None
-    scores = in_raw_units(result.scores, result.raw_scores).tolist()
+    scores = result.scores.tolist()
     chosen = pick_threshold(threshold, scores)
+    for_masks = pixel_threshold(chosen, result.raw_scores)
     heat = normalise_maps(result.patch_maps.cpu().numpy(), map_norm)
     return [
-        Answer(item, score, raw, patch_map, item_heat, chosen, warning)
+        Answer(item, score, raw, patch_map, item_heat, chosen, for_masks, warning)
         for item, score, raw, patch_map, item_heat in zip(
             items, scores, result.raw_scores.tolist(), result.patch_maps, heat, strict=True
         )
@@ -70,34 +72,39 @@ def score_batch(
 
 
 class _Window:
-    """The last `size` answered images as ring buffers; slot order does not matter to MuSc."""
+    """The last `size` answered images as ring buffers; slot order does not matter to MuSc.
 
-    def __init__(self, size: int) -> None:
+    It keeps each image's pooled sets (layers x r of (L, C), in the similarity precision),
+    embedding, raw score, score and patch map.
+    """
+
+    def __init__(self, size: int, dtype: torch.dtype) -> None:
         self.size = size
+        self.dtype = dtype
         self.count = 0
         self.buffers: list[torch.Tensor] = []
 
     def __len__(self) -> int:
         return min(self.count, self.size)
 
-    def push(self, answer: Answer) -> None:
+    def push(self, sets: list[torch.Tensor], answer: Answer) -> None:
+        embedding = answer.item.embedding
         values = [
-            *answer.item.tokens,
-            answer.item.embedding,
-            torch.tensor(answer.raw_score),
-            torch.tensor(answer.score),
+            *(z.to(self.dtype) for z in sets),
+            embedding,
+            embedding.new_tensor(answer.raw_score),  # on the scoring device, like the rest
+            embedding.new_tensor(answer.score),
             answer.patch_map,
         ]
         if not self.buffers:
-            self.buffers = [v.new_zeros((self.size, *v.shape), dtype=torch.float32) for v in values]
+            self.buffers = [v.new_zeros((self.size, *v.shape)) for v in values]
         for buffer, value in zip(self.buffers, values, strict=True):
             buffer[self.count % self.size] = value
         self.count += 1
 
-    def view(self) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(tokens per layer, embeddings, raw scores, scores, patch maps) of the window."""
-        *tokens, embeddings, raw, scores, maps = (b[: len(self)] for b in self.buffers)
-        return tokens, embeddings, raw, scores, maps
+    def view(self) -> list[torch.Tensor]:
+        """The filled slots: pooled sets, then embeddings, raw scores, scores, patch maps."""
+        return [buffer[: len(self)] for buffer in self.buffers]
 
 
 class RollingScorer:
@@ -105,7 +112,7 @@ class RollingScorer:
 
     def __init__(self, musc: MuSc, window: int, threshold: float | None, map_norm: str) -> None:
         self.musc = musc
-        self.window = _Window(window)
+        self.window = _Window(window, musc.precision.dtype)
         self.warmup = min(RELIABLE_BATCH, window)
         self.threshold = threshold
         self.map_norm = map_norm
@@ -116,8 +123,9 @@ class RollingScorer:
         if len(self.window) == 0:
             self.waiting.append(item)
             return self.flush() if len(self.waiting) >= self.warmup else []
-        answer = self._answer(item)
-        self.window.push(answer)
+        sets = pooled_sets(item.tokens, self.musc.r_list)
+        answer = self._answer(item, sets)
+        self.window.push(sets, answer)
         return [answer]
 
     def flush(self) -> list[Answer]:
@@ -127,20 +135,29 @@ class RollingScorer:
         answers = score_batch(self.waiting, self.musc, self.threshold, self.map_norm)
         self.waiting = []
         for answer in answers:
-            self.window.push(answer)
+            self.window.push(pooled_sets(answer.item.tokens, self.musc.r_list), answer)
         return answers
 
-    def _answer(self, item: Item) -> Answer:
-        tokens, embeddings, raw, scores, maps = self.window.view()
+    def _answer(self, item: Item, sets: list[torch.Tensor]) -> Answer:
+        *references, embeddings, raw, scores, maps = self.window.view()
         musc = self.musc
         patch = reference_patch_scores(
-            item.tokens, tokens, musc.r_list, musc.frac, musc.precision.dtype, musc.budget_bytes
+            sets, references, musc.frac, musc.precision.dtype, musc.budget_bytes
         )
         side = math.isqrt(patch.shape[0])
         patch_map = patch.view(side, side)
         all_raw = torch.cat([raw, patch.amax()[None]])
-        smoothed = rscin(all_raw, torch.cat([embeddings, item.embedding[None]]), musc.k_list)
-        score = float(in_raw_units(smoothed, all_raw)[-1])
+        score = float(
+            rscin(all_raw, torch.cat([embeddings, item.embedding[None]]), musc.k_list)[-1]
+        )
         threshold = pick_threshold(self.threshold, [*scores.tolist(), score])
         heat = normalise_maps(torch.cat([maps, patch_map[None]]).cpu().numpy(), self.map_norm)
-        return Answer(item, score, float(all_raw[-1]), patch_map, heat[-1], threshold)
+        return Answer(
+            item,
+            score,
+            float(all_raw[-1]),
+            patch_map,
+            heat[-1],
+            threshold,
+            pixel_threshold(threshold, all_raw),
+        )

@@ -12,8 +12,8 @@ import torch
 
 from musc_edge.package import ENGINE_FILE, ModelPackage, PackageError
 from musc_edge.runtime.engine_check import check_engine
-from musc_edge.runtime.onnx_runner import EMBEDDING_OUTPUT
 from musc_edge.runtime.runners import Runner, RunnerError
+
 
 def current_platform() -> dict[str, str]:
     """What an engine must have been built for to run here: GPU, compute capability, TRT."""
@@ -55,7 +55,7 @@ class TensorRTRunner(Runner):
         if len(inputs) != 1:
             raise PackageError(f"{path} has inputs {inputs}; expected one image input")
         self.input_name = inputs[0]
-        self.outputs = [*package.token_outputs, EMBEDDING_OUTPUT]
+        self.outputs = package.output_names
         missing = [name for name in self.outputs if name not in names]
         if missing:
             raise PackageError(f"{path} lacks the outputs {missing} that musc.json names")

@@ -1,9 +1,7 @@
-"""Image scores and labels without ground truth: RsCIN in raw units and an outlier threshold.
+"""Labels without ground truth: a threshold on MuSc's scores, fixed or from the batch itself.
 
-RsCIN min-max normalises each batch, so its [0, 1] scores cannot be compared across batches
-and always put some image at 1. Mapping the result back through the same min-max gives the
-RsCIN-weighted average of the raw scores: the same ranking within the batch, in units
-(patch distances) that one threshold can be held to over a whole shift.
+MuSc's image score is RsCIN's: raw scores min-max normalised over the batch (rolling: the
+window), then smoothed, so it lies in [0, 1] and says how an image stands among its peers.
 """
 
 from __future__ import annotations
@@ -19,10 +17,15 @@ MIN_SCORES = 5  # fewer scores than this give no usable median and MAD
 AUTO_RULE = f"median + {OUTLIER_Z} * {MAD_TO_SIGMA} * MAD of the batch's scores"
 
 
-def in_raw_units(rscin_scores: torch.Tensor, raw_scores: torch.Tensor) -> torch.Tensor:
-    """RsCIN's [0, 1] scores mapped back through the min-max of the raw scores they came from."""
-    low, high = raw_scores.min(), raw_scores.max()
-    return low + rscin_scores * (high - low)
+def pixel_threshold(threshold: float | None, raw_scores: torch.Tensor) -> float | None:
+    """The threshold in patch-distance units, for masks: the same min-max that turned the raw
+    scores into scores, undone, so an image's mask is empty exactly when its normalised raw
+    score is at or below the threshold.
+    """
+    if threshold is None:
+        return None
+    low, high = float(raw_scores.min()), float(raw_scores.max())
+    return low + threshold * (high - low)
 
 
 def auto_threshold(scores: Sequence[float]) -> float | None:
@@ -44,7 +47,7 @@ def pick_threshold(fixed: float | None, scores: Sequence[float]) -> float | None
 
 
 def label(score: float, threshold: float | None) -> str | None:
-    """"anomalous" above the threshold, "normal" at or below it, None without a threshold."""
+    """ "anomalous" above the threshold, "normal" at or below it, None without a threshold."""
     if threshold is None:
         return None
     return "anomalous" if score > threshold else "normal"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from musc_edge.cli import eval_cmd, weights_cmd
+from musc_edge.cli import demo_cmd, eval_cmd, export_cmd, run_cmd, weights_cmd
 
 app = typer.Typer(
     help="MuSc zero-shot anomaly detection for production lines.",
@@ -13,3 +13,7 @@ app = typer.Typer(
 )
 app.command("eval")(eval_cmd.evaluate)
 app.add_typer(weights_cmd.app, name="weights")
+app.command("run")(run_cmd.run)
+app.command("export")(export_cmd.export)
+app.add_typer(export_cmd.engine_app, name="engine")
+app.command("demo")(demo_cmd.demo)

@@ -1,0 +1,196 @@
+"""`musc-edge run`: score the images a camera writes into a folder, as they arrive."""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import signal
+import statistics
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.live import Live
+
+from musc_edge.cli.errors import user_errors
+from musc_edge.precision import Precision
+
+console = Console()
+
+
+class Mode(str, enum.Enum):
+    batch = "batch"
+    rolling = "rolling"
+
+
+class Engine(str, enum.Enum):
+    auto = "auto"
+    tensorrt = "tensorrt"
+    onnxruntime = "onnxruntime"
+    torch = "torch"
+
+
+class MapNorm(str, enum.Enum):
+    batch = "batch"
+    image = "image"
+
+
+def default_out(camera_dir: Path) -> Path:
+    """CAMERA_DIR-musc-results beside the camera folder: outside it, so never watched."""
+    camera_dir = camera_dir.resolve()
+    return camera_dir.parent / f"{camera_dir.name}-musc-results"
+
+
+def parse_threshold(text: str) -> float | None:
+    if text == "auto":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise typer.BadParameter(f"--threshold takes a number or auto, got {text!r}") from None
+
+
+def run(
+    camera_dir: Path = typer.Option(..., "--camera-dir", help="Folder the camera writes into."),
+    model: Path = typer.Option(..., "--model", help="Model package folder (musc-edge export)."),
+    batch_size: int = typer.Option(
+        32, "--batch-size", min=1, help="Images scored together (rolling: reference window)."
+    ),
+    mode: Mode = typer.Option(
+        Mode.batch, "--mode", help="batch: score full batches; rolling: each image on arrival."
+    ),
+    watch: bool = typer.Option(
+        True, "--watch/--once", help="Keep watching for new files, or score what is there."
+    ),
+    out: Path | None = typer.Option(
+        None, "--out", help="Results folder (default: CAMERA_DIR-musc-results beside it)."
+    ),
+    engine: Engine = typer.Option(
+        Engine.auto, "--engine", help="auto tries tensorrt, onnxruntime, torch in that order."
+    ),
+    precision: Precision | None = typer.Option(
+        None,
+        "--precision",
+        help="Similarity precision: fp32 (exact), bf16, fp16 (default: the package's).",
+    ),
+    threshold: str = typer.Option(
+        "auto",
+        "--threshold",
+        help="Score above which an image is anomalous, or auto (outlier rule per batch).",
+    ),
+    map_norm: MapNorm = typer.Option(
+        MapNorm.batch, "--map-norm", help="Heatmaps scaled over the batch or per image."
+    ),
+    poll: float = typer.Option(0.5, "--poll", min=0.01, help="Seconds between folder scans."),
+    settle: float = typer.Option(
+        1.0, "--settle", min=0, help="Seconds a file must stay unchanged before it is read."
+    ),
+    decode_timeout: float = typer.Option(
+        10.0, "--decode-timeout", min=0, help="Seconds an undecodable file waits to be an error."
+    ),
+    max_wait: float = typer.Option(
+        60.0, "--max-wait", min=0, help="Watch, batch mode: score a partial batch this old (s)."
+    ),
+    allow_random_init: bool = typer.Option(
+        False, "--allow-random-init", help="Torch engine: accept a random-weights package (tests)."
+    ),
+) -> None:
+    """Watch a camera folder; write scores, overlays and masks as images arrive.
+
+    OUT holds results.jsonl (the source of truth, resumed after a crash or restart),
+    results.csv, batches/ (manifests, overlays, masks) and rejected/ (copies of files that
+    could not be scored; the originals stay). See docs/runtime.md.
+    """
+    from musc_edge.package import load_package
+    from musc_edge.runtime.line import Line, LineSettings
+    from musc_edge.runtime.runners import open_runner
+
+    out_dir = out or default_out(camera_dir)
+    settings = LineSettings(
+        camera_dir=camera_dir,
+        out_dir=out_dir,
+        batch_size=batch_size,
+        mode=mode.value,
+        watch=watch,
+        threshold=parse_threshold(threshold),
+        map_norm=map_norm.value,
+        poll=poll,
+        settle=settle,
+        decode_timeout=decode_timeout,
+        max_wait=max_wait or None,
+    )
+    with user_errors():
+        package = load_package(model)
+        runner = open_runner(package, engine.value, allow_random_init)
+        musc = musc_from_package(package.musc, precision)
+        line = Line(settings, package, runner, musc)
+    console.print(
+        f"[bold]musc-edge run[/] {camera_dir} -> {out_dir}\n"
+        f"model {package.folder} ({package.backbone} at {package.image_size}px), "
+        f"engine {runner.description}, {mode.value} mode, batch {batch_size}, "
+        f"{musc.precision.value}"
+    )
+    if line.stats.resumed or line.stats.dropped:
+        console.print(
+            f"resuming: {line.stats.resumed} files already answered"
+            + (f", {line.stats.dropped} torn result line(s) dropped" if line.stats.dropped else "")
+        )
+    with stop_on_signals() as stop, Live(console=console, transient=True) as live:
+        shown = 0.0
+
+        def show(stats) -> None:
+            nonlocal shown
+            if time.monotonic() - shown > 0.25:
+                live.update(status_line(stats))
+                shown = time.monotonic()
+
+        line.on_update = show
+        stats = line.run(stop)
+    console.print(status_line(stats))
+    console.print(f"results: {out_dir / 'results.jsonl'} and results.csv")
+
+
+def musc_from_package(settings: dict, precision: Precision | None):
+    """The package's MuSc settings, with the similarity precision overridden if asked."""
+    from musc_edge.musc import MuSc
+
+    chosen = precision or settings.get("precision", Precision.fp32)
+    return MuSc(settings["r_list"], settings["frac"], settings["k_list"], chosen)
+
+
+def status_line(stats) -> str:
+    """Images seen, scored, failed, pending and the latest latencies, on one line."""
+    parts = [
+        f"batches {stats.batches}",
+        f"seen {stats.seen}",
+        f"scored {stats.scored}",
+        f"failed {stats.failed}",
+        f"pending {stats.pending}",
+    ]
+    if stats.last_batch_ms is not None:
+        parts.append(f"last batch latency {stats.last_batch_ms:.0f} ms")
+    if stats.image_ms:
+        parts.append(f"median image latency {statistics.median(stats.image_ms):.0f} ms")
+    return " | ".join(parts)
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[threading.Event]:
+    """Ctrl-C or SIGTERM asks the line to finish the batch in hand; a second one aborts."""
+    stop = threading.Event()
+
+    def request_stop(signum, frame) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        console.print("stopping: finishing the batch in hand (again to abort) ...")
+        stop.set()
+
+    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

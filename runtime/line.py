@@ -1,0 +1,317 @@
+"""The camera-folder line: watch, extract on arrival, score in batches or rolling, record.
+
+Order of work per commit: overlays and masks, then the journal (one durable write), then the
+manifest. The journal is the only state: whatever it lacks after a crash is scored again at
+the next start, whatever it holds is never scored again.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from musc_edge.musc import MuSc
+from musc_edge.package import ModelPackage
+from musc_edge.runtime.camera import Arrival, CameraDir
+from musc_edge.runtime.journal import Journal
+from musc_edge.runtime.outputs import (
+    MANIFEST_FILE,
+    batch_dir,
+    preview,
+    read_manifest,
+    set_aside,
+    write_manifest,
+    write_visuals,
+)
+from musc_edge.runtime.runners import Runner
+from musc_edge.runtime.scoring import Answer, Item, RollingScorer, score_batch
+from musc_edge.runtime.threshold import AUTO_RULE, label
+
+MODES = ("batch", "rolling")
+
+
+@dataclass
+class LineSettings:
+    """How the line runs; every field is a `musc-edge run` option."""
+
+    camera_dir: Path
+    out_dir: Path
+    batch_size: int = 32
+    mode: str = "batch"
+    watch: bool = True
+    threshold: float | None = None  # None: automatic, per batch (rolling: per window)
+    map_norm: str = "batch"
+    poll: float = 0.5
+    settle: float = 1.0
+    decode_timeout: float = 10.0
+    max_wait: float | None = 60.0  # watch, batch mode: score a partial batch this old
+
+
+@dataclass
+class LineStats:
+    """What the terminal shows while the line runs."""
+
+    seen: int = 0
+    scored: int = 0
+    failed: int = 0
+    pending: int = 0
+    batches: int = 0
+    last_batch_ms: float | None = None  # batch mode: last image ready -> batch committed
+    image_ms: deque[float] = field(default_factory=lambda: deque(maxlen=1000))  # recent, ms
+    resumed: int = 0  # results already in the journal at start
+    dropped: int = 0  # torn journal lines cut off at start (those images are scored again)
+
+
+class Line:
+    """One run of the line over a camera folder into an output folder."""
+
+    def __init__(
+        self,
+        settings: LineSettings,
+        package: ModelPackage,
+        runner: Runner,
+        musc: MuSc,
+        on_update: Callable[[LineStats], None] | None = None,
+    ) -> None:
+        if settings.mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {settings.mode!r}")
+        if settings.batch_size < 1:
+            raise ValueError(f"batch size must be at least 1, got {settings.batch_size}")
+        if not settings.camera_dir.is_dir():
+            raise ValueError(f"camera folder {settings.camera_dir} does not exist")
+        self.settings = settings
+        self.package = package
+        self.runner = runner
+        self.musc = musc
+        self.preprocess = package.preprocessing()
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.on_update = on_update or (lambda stats: None)
+        self.journal = Journal(settings.out_dir)
+        self.camera = CameraDir(
+            settings.camera_dir,
+            self.journal.keys,
+            settings.settle,
+            settings.decode_timeout,
+            exclude=settings.out_dir,
+        )
+        self.stats = LineStats(resumed=len(self.journal.keys), dropped=self.journal.dropped_lines)
+        self.rolling = (
+            RollingScorer(musc, settings.batch_size, settings.threshold, settings.map_norm)
+            if settings.mode == "rolling"
+            else None
+        )
+        self.in_hand: list[Item] = []
+        self.run_info = {
+            "mode": settings.mode,
+            "camera_dir": str(settings.camera_dir),
+            "model": str(package.folder),
+            "backbone": package.backbone,
+            "image_size": package.image_size,
+            "engine": runner.description,
+            "precision": musc.precision.value,
+            "musc": {"r_list": musc.r_list, "frac": musc.frac, "k_list": musc.k_list},
+            "threshold_rule": "fixed" if settings.threshold is not None else AUTO_RULE,
+            "map_norm": settings.map_norm,
+        }
+        self._repair_manifest()
+
+    def run(self, stop: threading.Event | None = None) -> LineStats:
+        """Until stopped (watch) or until the folder is done (once); returns the totals."""
+        stop = stop or threading.Event()
+        settings = self.settings
+        while True:
+            self.camera.scan()
+            stopping = stop.is_set()
+            worked = False
+            if not stopping:
+                arrivals = self.camera.take(self._room())
+                worked = bool(arrivals)
+                self._receive(arrivals)
+            done = not settings.watch and self.camera.pending == 0
+            if self.rolling is None:
+                if self._batch_due(stopping or done):
+                    self._score_batch()
+                    worked = True
+            elif stopping or done:
+                self._timed_commit(self.rolling.flush)
+            self.stats.pending = self.camera.pending + len(self.in_hand)
+            self.stats.seen = self.stats.resumed + self.camera.handed_out + self.camera.pending
+            self.on_update(self.stats)
+            if (stopping or done) and not self.in_hand:
+                return self.stats
+            if not worked:
+                stop.wait(settings.poll)
+
+    def _room(self) -> int:
+        """How many files to take now: enough to fill the batch, in engine-sized chunks."""
+        if self.rolling is not None:
+            return self.package.max_batch
+        return max(1, min(self.package.max_batch, self.settings.batch_size - len(self.in_hand)))
+
+    def _batch_due(self, finishing: bool) -> bool:
+        if not self.in_hand:
+            return False
+        if len(self.in_hand) >= self.settings.batch_size or finishing:
+            return True
+        max_wait = self.settings.max_wait if self.settings.watch else None
+        oldest = self.in_hand[0].arrival.ready_at
+        return max_wait is not None and time.monotonic() - oldest >= max_wait
+
+    def _receive(self, arrivals: list[Arrival]) -> None:
+        """Errors are recorded at once; images get their features now, not when scored."""
+        failures = [a for a in arrivals if a.error is not None]
+        if failures:
+            self._commit_errors(failures)
+        good = [a for a in arrivals if a.error is None]
+        if not good:
+            return
+        started = time.perf_counter()
+        tokens, embeddings = self.runner(np.stack([self.preprocess(a.image) for a in good]))
+        per_image_ms = (time.perf_counter() - started) * 1000 / len(good)
+        tokens = [layer.to(self.device, torch.float32) for layer in tokens]
+        embeddings = embeddings.to(self.device, torch.float32)
+        for index, arrival in enumerate(good):
+            item = Item(
+                arrival,
+                [layer[index] for layer in tokens],
+                embeddings[index],
+                preview(arrival.image),
+                arrival.image.shape[:2],
+                per_image_ms,
+            )
+            arrival.image = None  # the preview is all that is kept
+            if self.rolling is None:
+                self.in_hand.append(item)
+            else:
+                self._timed_commit(lambda item=item: self.rolling.add(item))
+
+    def _score_batch(self) -> None:
+        items, self.in_hand = self.in_hand, []
+        settings = self.settings
+        self._timed_commit(
+            lambda: score_batch(items, self.musc, settings.threshold, settings.map_norm)
+        )
+
+    def _timed_commit(self, score: Callable[[], list[Answer]]) -> None:
+        started = time.perf_counter()
+        answers = score()
+        self._commit_answers(answers, (time.perf_counter() - started) * 1000)
+
+    def _current_batch(self) -> int:
+        """Batch mode: a new number per scored batch. Rolling: groups of --batch-size lines."""
+        last, records = self.journal.last_batch, self.journal.last_batch_records
+        if self.rolling is not None and 0 < len(records) < self.settings.batch_size:
+            return last
+        if self.rolling is None and records and all(r["error"] for r in records):
+            return last  # errors recorded while this batch was still being collected
+        return last + 1
+
+    def _commit_answers(self, answers: list[Answer], score_ms: float) -> None:
+        """Write the visuals, then the journal lines (one commit), then the manifest."""
+        if not answers:
+            return
+        batch = self._current_batch()
+        records = []
+        for answer in answers:
+            item = answer.item
+            overlay, mask = write_visuals(
+                self.settings.out_dir,
+                batch,
+                item.arrival.file,
+                item.preview,
+                answer.heat,
+                answer.patch_map,
+                item.shape,
+                answer.mask_threshold,
+            )
+            records.append(
+                self._record(
+                    item.arrival,
+                    batch,
+                    score=answer.score,
+                    raw_score=answer.raw_score,
+                    label=label(answer.score, answer.threshold),
+                    threshold=answer.threshold,
+                    overlay=overlay,
+                    mask=mask,
+                    warning=answer.warning,
+                    timings={"features_ms": round(item.features_ms, 2)},
+                )
+            )
+        now = time.monotonic()
+        for record, answer in zip(records, answers, strict=True):
+            latency = (now - answer.item.arrival.ready_at) * 1000
+            record["timings"].update(score_ms=round(score_ms, 2), latency_ms=round(latency, 2))
+            self.stats.image_ms.append(latency)
+        self.journal.commit(records)
+        batch_ms = (now - max(a.item.arrival.ready_at for a in answers)) * 1000
+        self.stats.last_batch_ms = batch_ms
+        self.stats.scored += len(records)
+        self.stats.batches += 1
+        self._write_manifest(batch, batch_ms)
+
+    def _commit_errors(self, failures: list[Arrival]) -> None:
+        batch = self._current_batch()
+        out_dir = self.settings.out_dir
+        records = [
+            self._record(
+                arrival,
+                batch,
+                error=arrival.error,
+                rejected=set_aside(out_dir, arrival.path, arrival.file, arrival.sha256),
+            )
+            for arrival in failures
+        ]
+        self.journal.commit(records)
+        self.stats.failed += len(records)
+        self._write_manifest(batch, None)
+
+    def _record(self, arrival: Arrival, batch: int, **fields) -> dict:
+        file, size, mtime_ns = arrival.key
+        base = {
+            "file": file,
+            "size": size,
+            "mtime_ns": mtime_ns,
+            "sha256": arrival.sha256,
+            "batch": batch,
+            "mode": self.settings.mode,
+            "score": None,
+            "raw_score": None,
+            "label": None,
+            "threshold": None,
+            "overlay": None,
+            "mask": None,
+            "timings": {},
+            "warning": None,
+            "error": None,
+            "rejected": None,
+            "recorded_at": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+        }
+        return {**base, **fields}
+
+    def _repair_manifest(self) -> None:
+        """A crash between a commit and its manifest leaves the manifest behind the journal."""
+        records = self.journal.last_batch_records
+        path = batch_dir(self.settings.out_dir, self.journal.last_batch) / MANIFEST_FILE
+        if records and (not path.is_file() or len(read_manifest(path)["files"]) < len(records)):
+            self._write_manifest(self.journal.last_batch, None)
+
+    def _write_manifest(self, batch: int, batch_ms: float | None) -> None:
+        records = self.journal.last_batch_records
+        summary = {
+            "batch": batch,
+            **self.run_info,
+            "scored": sum(1 for r in records if r["error"] is None),
+            "failed": sum(1 for r in records if r["error"] is not None),
+            "batch_latency_ms": None if batch_ms is None else round(batch_ms, 2),
+            "files": records,
+        }
+        write_manifest(batch_dir(self.settings.out_dir, batch), summary)

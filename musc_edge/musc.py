@@ -10,13 +10,20 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from musc_edge.lnamd import grid_side, lnamd
-from musc_edge.msm import msm_scores
+from musc_edge import lnamd as reference_lnamd
+from musc_edge import msm as reference_msm
+from musc_edge import ops
+from musc_edge.lnamd import grid_side
 from musc_edge.precision import Precision, parse_precision
 from musc_edge.rscin import rscin
 
 RELIABLE_BATCH = 5
 Progress = Callable[[int, int], None]
+# (LNAMD, MSM) per backend: the custom ops, or the plain torch reference they are tested against
+BACKENDS = {
+    "ops": (ops.lnamd, ops.msm_scores),
+    "reference": (reference_lnamd.lnamd, reference_msm.msm_scores),
+}
 
 
 class MuScInputError(ValueError):
@@ -89,6 +96,7 @@ class MuSc:
         k_list: Sequence[int] = (1, 2, 3),
         precision: Precision | str = "fp32",
         memory_budget_mb: int = 256,
+        backend: str = "ops",
     ) -> None:
         if not r_list or any(r < 1 or r % 2 == 0 for r in r_list):
             raise ValueError(f"r_list must hold odd sizes >= 1, got {tuple(r_list)}")
@@ -96,11 +104,22 @@ class MuSc:
             raise ValueError(f"frac must be in (0, 1], got {frac}")
         if not k_list or any(k < 1 for k in k_list):
             raise ValueError(f"k_list must hold sizes >= 1, got {tuple(k_list)}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
         self.r_list = tuple(r_list)
         self.frac = frac
         self.k_list = tuple(k_list)
         self.precision = parse_precision(precision)
         self.budget_bytes = memory_budget_mb * 2**20
+        self.backend = backend
+
+    def pool(self, layer: torch.Tensor) -> list[torch.Tensor]:
+        """LNAMD of one layer's (N, L, C) tokens: one unit-vector set per r."""
+        return BACKENDS[self.backend][0](layer, self.r_list)
+
+    def mutual_scores(self, z: torch.Tensor) -> torch.Tensor:
+        """MSM of one (N, L, C) unit-vector set: (N, L) patch scores."""
+        return BACKENDS[self.backend][1](z, self.frac, self.budget_bytes, self.precision.dtype)
 
     def patch_scores(
         self, tokens: Sequence[torch.Tensor], progress: Progress | None = None
@@ -108,8 +127,8 @@ class MuSc:
         """(N, L) patch scores averaged over every layer and neighbourhood size."""
         total = None
         num_sets = len(tokens) * len(self.r_list)
-        for index, z in enumerate(z for layer in tokens for z in lnamd(layer, self.r_list)):
-            scores = msm_scores(z, self.frac, self.budget_bytes, self.precision.dtype)
+        for index, z in enumerate(z for layer in tokens for z in self.pool(layer)):
+            scores = self.mutual_scores(z)
             total = scores if total is None else total + scores
             if progress:
                 progress(index + 1, num_sets)

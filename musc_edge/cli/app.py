@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from musc_edge.cli import demo_cmd, eval_cmd, export_cmd, run_cmd, weights_cmd
+from musc_edge.cli import bench_cmd, bench_msm, demo_cmd, eval_cmd, export_cmd, run_cmd, weights_cmd
 
 app = typer.Typer(
     help="MuSc zero-shot anomaly detection for production lines.",
@@ -17,3 +17,5 @@ app.command("run")(run_cmd.run)
 app.command("export")(export_cmd.export)
 app.add_typer(export_cmd.engine_app, name="engine")
 app.command("demo")(demo_cmd.demo)
+bench_cmd.app.command("msm")(bench_msm.bench_msm)
+app.add_typer(bench_cmd.app, name="bench")

@@ -31,16 +31,19 @@ RandomInit = typer.Option(
 Device = typer.Option("auto", "--device", help="cpu, cuda, or auto (cuda when available).")
 
 
-def parse_layers(text: str | None) -> tuple[int, ...] | None:
-    """'6,12,18,24' -> (6, 12, 18, 24), with a clear error for anything else."""
-    if text is None:
-        return None
+def parse_int_list(text: str, option: str) -> tuple[int, ...]:
+    """'6,12,18,24' -> (6, 12, 18, 24), with an error naming the option for anything else."""
     try:
-        return tuple(int(part) for part in text.split(",") if part.strip())
+        values = tuple(int(part) for part in text.split(",") if part.strip())
     except ValueError:
-        raise typer.BadParameter(
-            f"--layers takes comma-separated block numbers, got {text!r}"
-        ) from None
+        raise typer.BadParameter(f"{option} takes comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise typer.BadParameter(f"{option} needs integers >= 1, got {text!r}")
+    return values
+
+
+def parse_layers(text: str | None) -> tuple[int, ...] | None:
+    return None if text is None else parse_int_list(text, "--layers")
 
 
 def resolve_device(device: str) -> str:

@@ -14,9 +14,9 @@ import torch
 
 from musc_edge.msm import neighbour_count
 
-# table[b, j, p] = max_q <z_(start+b) p, z_j q> for the band [start, stop); the self entries
-# (j == start + b) may hold anything, they are overwritten with -inf afterwards.
-FillBand = Callable[[torch.Tensor, torch.Tensor, int, int], None]
+# fill(table, start, stop): table[b, j, p] = max_q <z_(start+b) p, z_j q> for the band
+# [start, stop); the self entries (j == start + b) may hold anything, -inf replaces them.
+FillBand = Callable[[torch.Tensor, int, int], None]
 
 TABLE_ITEM = 4  # float32 best similarities
 TOPK_ITEM = 4 + 8  # float32 value + int64 index of each kept entry
@@ -38,7 +38,7 @@ def msm_by_bands(
 ) -> torch.Tensor:
     """(N, L, C) unit vectors -> (N, L) MSM patch scores, the band tables filled by `fill`.
 
-    `z` is already in the compute dtype; `scratch_bytes` is what `fill` holds at its peak.
+    `z` gives the shape and device; `scratch_bytes` is what `fill` holds at its peak.
     """
     num_images, num_patches, _ = z.shape
     scores = torch.zeros(num_images, num_patches, device=z.device)
@@ -50,7 +50,7 @@ def msm_by_bands(
     for start in range(0, num_images, rows):
         stop = min(start + rows, num_images)
         band = table[: stop - start]
-        fill(z, band, start, stop)
+        fill(band, start, stop)
         own = torch.arange(stop - start, device=z.device)
         band[own, own + start] = -math.inf
         best = band.topk(keep, dim=1, sorted=False).values

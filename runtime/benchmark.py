@@ -1,0 +1,206 @@
+"""Stage-by-stage latency of the line pipeline, its scaling with batch size, and the original
+MuSc approach run side by side in the same process on the same images.
+
+Line engineers size hardware from these numbers, so each stage is timed on its own (with a
+CUDA synchronise where it runs on a GPU) and a speed-up is only claimed where the outputs of
+the two pipelines agree.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from musc_edge.features import Extractor
+from musc_edge.images import IMAGE_SUFFIXES, Preprocess, read_image
+from musc_edge.musc import MuSc
+from musc_edge.rscin import rscin
+from musc_edge.visualize import normalise_maps, overlay, write_png
+
+STAGES = ("decode", "backbone", "lnamd", "msm", "rscin", "write")
+TOLERANCE = {"fp32": 1e-4, "bf16": 3e-2, "fp16": 3e-2}  # max abs difference of patch maps
+
+
+
+@dataclass
+class Pipeline:
+    """One way of turning decoded images into maps and scores, stage by stage."""
+
+    name: str
+    preprocess: Preprocess
+    extractor: Extractor
+    musc: MuSc
+    mutual_scores: Callable[[torch.Tensor], torch.Tensor]  # (N, L, C) unit vectors -> (N, L)
+    max_batch: int = 8
+
+
+@dataclass
+class RunOutput:
+    """Times of every stage for one run, and what the run produced."""
+
+    times: dict[str, float]
+    patch_maps: torch.Tensor
+    scores: torch.Tensor
+
+
+@dataclass
+class Measurement:
+    """All runs of one pipeline at one batch size."""
+
+    pipeline: str
+    batch_size: int
+    runs: list[dict[str, float]] = field(default_factory=list)
+    peak_host_mib: float = 0.0
+    peak_gpu_allocated_mib: float | None = None
+    peak_gpu_reserved_mib: float | None = None
+
+    def summary(self) -> dict:
+        """Median, p95 and max per stage, per batch and per image; images per second."""
+        stages = {}
+        for stage in (*STAGES, "total"):
+            values = sorted(run[stage] for run in self.runs)
+            stages[stage] = {
+                "median_s": statistics.median(values),
+                "p95_s": float(np.percentile(values, 95)),
+                "max_s": values[-1],
+                "median_per_image_ms": 1000 * statistics.median(values) / self.batch_size,
+            }
+        return {
+            "pipeline": self.pipeline,
+            "batch_size": self.batch_size,
+            "runs": len(self.runs),
+            "stages": stages,
+            "images_per_s": self.batch_size / stages["total"]["median_s"],
+            "peak_host_mib": self.peak_host_mib,
+            "peak_gpu_allocated_mib": self.peak_gpu_allocated_mib,
+            "peak_gpu_reserved_mib": self.peak_gpu_reserved_mib,
+        }
+
+
+def synchronise() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+class Stopwatch:
+    """Times named stages; synchronises the GPU so asynchronous work lands in its stage."""
+
+    def __init__(self) -> None:
+        self.times: dict[str, float] = {}
+
+    def stage(self, name: str):
+        watch = self
+
+        class _Timer:
+            def __enter__(self) -> None:
+                synchronise()
+                self.start = time.perf_counter()
+
+            def __exit__(self, *exc: object) -> None:
+                synchronise()
+                watch.times[name] = watch.times.get(name, 0.0) + time.perf_counter() - self.start
+
+        return _Timer()
+
+
+def run_once(pipeline: Pipeline, paths: Sequence[Path], out_dir: Path) -> RunOutput:
+    """Decode+preprocess, backbone, LNAMD, MSM, RsCIN and result writing for one batch."""
+    watch = Stopwatch()
+    with watch.stage("decode"):
+        images = [read_image(path) for path in paths]
+        batch = np.stack([pipeline.preprocess(image) for image in images])
+    tokens: list[list[torch.Tensor]] = []
+    embeddings = []
+    with watch.stage("backbone"):
+        for start in range(0, len(batch), pipeline.max_batch):
+            layer_tokens, embedding = pipeline.extractor(batch[start : start + pipeline.max_batch])
+            tokens.append(layer_tokens)
+            embeddings.append(embedding)
+        per_layer = [torch.cat(layer) for layer in zip(*tokens, strict=True)]
+        embedding_all = torch.cat(embeddings)
+    musc = pipeline.musc
+    with watch.stage("lnamd"):
+        sets = [z for layer in per_layer for z in musc.pool(layer)]
+    with watch.stage("msm"):
+        patch = torch.stack([pipeline.mutual_scores(z) for z in sets]).mean(dim=0)
+    with watch.stage("rscin"):
+        raw = patch.amax(dim=1)
+        scores = rscin(raw, embedding_all.to(raw.device), musc.k_list)
+    side = int(patch.shape[1] ** 0.5)
+    maps = patch.view(-1, side, side).float().cpu()
+    with watch.stage("write"):
+        write_results(out_dir, images, maps, scores.cpu())
+    watch.times["total"] = sum(watch.times.values())
+    return RunOutput(watch.times, maps, scores.float().cpu())
+
+
+def write_results(out_dir: Path, images: Sequence[np.ndarray], maps: torch.Tensor,
+                  scores: torch.Tensor) -> None:
+    """What the line writes per image: a JSON line and a heatmap overlay PNG."""
+    heat = normalise_maps(maps.numpy(), "batch")
+    with open(out_dir / "results.jsonl", "w") as journal:
+        for index, (image, score) in enumerate(zip(images, scores.tolist(), strict=True)):
+            write_png(out_dir / f"{index:05d}.png", overlay(image, heat[index]))
+            journal.write(json.dumps({"index": index, "score": score}) + "\n")
+
+
+def measure(pipeline: Pipeline, paths: Sequence[Path], runs: int, warmup: int,
+            on_run: Callable[[], None] | None = None) -> tuple[Measurement, RunOutput]:
+    """`warmup` untimed runs, then `runs` timed ones; returns the last run's output too."""
+    result = Measurement(pipeline.name, len(paths))
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    with tempfile.TemporaryDirectory() as work:
+        for index in range(warmup + runs):
+            output = run_once(pipeline, paths, Path(work))
+            if index >= warmup:
+                result.runs.append(output.times)
+            if on_run:
+                on_run()
+    result.peak_host_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if torch.cuda.is_available():
+        result.peak_gpu_allocated_mib = torch.cuda.max_memory_allocated() / 2**20
+        result.peak_gpu_reserved_mib = torch.cuda.max_memory_reserved() / 2**20
+    return result, output
+
+
+def agreement(ours: RunOutput, reference: RunOutput, precision: str) -> dict:
+    """Largest differences of maps and scores, and whether they are within tolerance."""
+    map_diff = float((ours.patch_maps - reference.patch_maps).abs().max())
+    score_diff = float((ours.scores - reference.scores).abs().max())
+    tolerance = TOLERANCE[precision]
+    return {
+        "max_map_diff": map_diff,
+        "max_score_diff": score_diff,
+        "tolerance": tolerance,
+        "agree": map_diff <= tolerance and score_diff <= tolerance * 10,
+    }
+
+
+def speedups(ours: dict, reference: dict) -> dict[str, float]:
+    """Reference median over ours, per stage and in total."""
+    median = {name: run["stages"] for name, run in (("ours", ours), ("ref", reference))}
+    return {
+        stage: median["ref"][stage]["median_s"] / max(median["ours"][stage]["median_s"], 1e-12)
+        for stage in ("backbone", "msm", "total")
+    }
+
+
+def batch_paths(folder: Path, batch_size: int) -> tuple[list[Path], bool]:
+    """The first `batch_size` images of a folder (sorted), repeated in order if there are
+    fewer; the flag says whether repetition was needed (timings hold, scores do not)."""
+    files = sorted(p for p in Path(folder).rglob("*")
+                   if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+    if not files:
+        raise ValueError(f"no images under {folder}")
+    repeated = len(files) < batch_size
+    return [files[i % len(files)] for i in range(batch_size)], repeated

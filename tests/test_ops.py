@@ -28,10 +28,11 @@ from musc_edge.msm import neighbour_count
 from musc_edge.ops import msm_op
 from musc_edge.ops.bands import band_rows, msm_by_bands
 from musc_edge.ops.original import original_msm
+from musc_edge.ops.tiles import tile_filler
 
 ROUNDING = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-SMALL_BUDGET = 24_000  # a few images per band: bands, outside pairs and topk all exercised
+SMALL_BUDGET = 24_000  # several bands of few images, small tiles: every path of the kernels
 
 SHAPES = [  # (N, L, C): odd grids, N from 1 to 64, C from 8 to 1024
     (1, 9, 8),
@@ -86,6 +87,19 @@ def test_msm_op_fp32_matches_reference(n: int, num_patches: int, dim: int, budge
     z = unit_vectors(n, num_patches, dim, seed=n)
     ours = ops.msm_scores(z, 0.3, budget_bytes, torch.float32)
     torch.testing.assert_close(ours, reference_msm(z, 0.3), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_tiles_in_bands_of_several_images(dtype: torch.dtype) -> None:
+    """Bands of 3 images, key tiles of 2: pairs inside and outside bands, partial tiles."""
+    z = unit_vectors(10, 25, 16)
+    budget = 3 * 25 * (4 * 10 + 12 * neighbour_count(10, 0.3))
+    ours = msm_by_bands(z, 0.3, budget, 0, tile_filler(z, dtype, key_tile=2))
+    if dtype == torch.float32:
+        torch.testing.assert_close(ours, reference_msm(z, 0.3), atol=1e-5, rtol=0)
+    else:
+        rounded = rounded_msm_f64(z, dtype)
+        assert ((ours.double() - rounded).abs() <= ROUNDING[dtype] / 2 * rounded + 1e-5).all()
 
 
 @pytest.mark.parametrize(("n", "num_patches", "dim"), SHAPES)

@@ -14,12 +14,19 @@ import torch
 
 from musc_edge.msm import neighbour_count
 
-# fill(table, start, stop): table[b, j, p] = max_q <z_(start+b) p, z_j q> for the band
-# [start, stop); the self entries (j == start + b) may hold anything, -inf replaces them.
+# fill(table, start, stop): table[b, j, p] = max_q of 1 - |z_(start+b) p - z_j q|^2 / 2 (the
+# similarity <., .> for unit vectors) for the band [start, stop); the self entries
+# (j == start + b) may hold anything, -inf replaces them.
 FillBand = Callable[[torch.Tensor, int, int], None]
 
 TABLE_ITEM = 4  # float32 best similarities
 TOPK_ITEM = 4 + 8  # float32 value + int64 index of each kept entry
+
+
+def half_squared_norms(z: torch.Tensor) -> torch.Tensor:
+    """(N, L) fp32 |z|^2 / 2 of vectors in any dtype: what turns their products into distances,
+    <a, b> - |a|^2 / 2 - |b|^2 / 2 = -|a - b|^2 / 2, for vectors no longer unit length."""
+    return torch.linalg.vector_norm(z, dim=2, dtype=torch.float32).square_().div_(2)
 
 
 def band_rows(

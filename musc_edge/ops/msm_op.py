@@ -12,9 +12,10 @@ import torch
 from musc_edge.ops.bands import msm_by_bands
 from musc_edge.ops.tiles import block_bytes, tile_filler
 
-# fp32 bytes of one CPU similarity block: it stays in L3 between the matmul writing it and the
-# two amax passes reading it, and few, large ops keep the per-op overhead low (docs/ops.md).
-CPU_BLOCK_BYTES = 8 * 2**20
+# Bytes of one CPU product block (key_tile x L x L): it stays in the L3 cache (32 MiB here)
+# between the matmul writing it and the two reductions reading it, and large tiles keep the
+# per-call overhead low; 8 and 16 MiB measured within noise of each other (docs/ops.md).
+CPU_BLOCK_BYTES = 16 * 2**20
 
 
 @functools.cache
@@ -29,13 +30,14 @@ def triton_module() -> ModuleType | None:
 
 @torch.library.custom_op("musc_edge::msm", mutates_args=(), device_types="cpu")
 def msm_op(z: torch.Tensor, frac: float, budget_bytes: int, dtype: torch.dtype) -> torch.Tensor:
-    """CPU kernel: each query image against L3-sized tiles of key images.
+    """CPU kernel: each query image against L3-sized tiles of key images (at most half the
+    budget for small budgets).
 
     fp16 computes in exact fp32: x86 CPUs without AVX512-FP16 have no fast fp16 matmul.
     """
     if dtype == torch.float16:
         dtype = torch.float32
-    return tiled_msm(z, frac, budget_bytes, dtype, CPU_BLOCK_BYTES)
+    return tiled_msm(z, frac, budget_bytes, dtype, min(CPU_BLOCK_BYTES, budget_bytes // 2))
 
 
 @msm_op.register_kernel("cuda")
@@ -51,10 +53,11 @@ def _msm_cuda(z: torch.Tensor, frac: float, budget_bytes: int, dtype: torch.dtyp
 def tiled_msm(
     z: torch.Tensor, frac: float, budget_bytes: int, dtype: torch.dtype, block_budget: int
 ) -> torch.Tensor:
-    """MSM from matmul tiles whose fp32-sized similarity block fits `block_budget` bytes."""
-    _, num_patches, dim = z.shape
-    key_tile = max(1, block_budget // (4 * num_patches * num_patches))
-    scratch = block_bytes(num_patches, dim, key_tile, dtype)
+    """MSM from matmul tiles whose (key_tile, L, L) product block fits `block_budget` bytes."""
+    num_patches = z.shape[1]
+    item = torch.empty((), dtype=dtype).element_size()
+    key_tile = max(1, block_budget // (item * num_patches * num_patches))
+    scratch = block_bytes(num_patches, key_tile, dtype)
     return msm_by_bands(z, frac, budget_bytes, scratch, tile_filler(z, dtype, key_tile))
 
 

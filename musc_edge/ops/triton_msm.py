@@ -8,7 +8,8 @@ Each tile holds 1 - |a - b|^2 / 2 (the products plus the vectors' half squared n
 fp32): for unit vectors that is the similarity, and for vectors rounded to fp16/bf16 it keeps
 a patch's distance to its own copy at 0 instead of the ~0.05 that 2 - 2 <a, b> gives.
 
-Importing this module needs Triton; `available()` in `musc_edge.ops.msm_op` checks first.
+Importing this module needs Triton; `triton_module()` in `musc_edge.ops.msm_op` imports it
+only where Triton is installed.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from musc_edge.ops.bands import half_squared_norms
 
 BLOCK_M = 64
 BLOCK_N = 64
@@ -101,7 +104,7 @@ def fill_band_triton(z: torch.Tensor, table: torch.Tensor, start: int, stop: int
     """
     num_images, num_patches, dim = z.shape
     pairs = band_pairs(num_images, start, stop, z.device)
-    half_norms = z.float().square().sum(dim=2) / 2
+    half_norms = half_squared_norms(z)
     table.fill_(float("-inf"))  # the atomic column maxima start from here
     grid = (len(pairs), triton.cdiv(num_patches, BLOCK_M))
     _pair_max_kernel[grid](

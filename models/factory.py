@@ -19,8 +19,8 @@ from musc_edge.models.weights import (
     fetched_weights_path,
     load_state_file,
     missing_weights,
-    sha256_of,
 )
+from musc_edge.package import file_sha256
 
 RANDOM_INIT_SEED = 0
 
@@ -52,7 +52,7 @@ def create_backbone(
         source = f"file:{weights}" if weights else f"pretrained:{pretrained}"
     if random_init:
         source = "random-init"
-    info = WeightsInfo(source, sha256_of(weights) if weights else None)
+    info = WeightsInfo(source, file_sha256(weights) if weights else None)
     size = image_size or spec.native_size
     chosen = tuple(layers) if layers else spec.default_layers
     with seeded(RANDOM_INIT_SEED) if random_init else contextlib.nullcontext():

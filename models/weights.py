@@ -5,7 +5,6 @@ Never a silent random init: without weights, `MissingWeightsError` names the way
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
@@ -30,14 +29,6 @@ def fetched_weights_path(name: str) -> Path | None:
     """The cached file `musc-edge weights fetch NAME` writes, if NAME can be fetched."""
     file_name = FETCHED_FILES.get(name)
     return cache_dir() / file_name if file_name else None
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def load_state_file(path: Path) -> dict[str, torch.Tensor]:

@@ -143,6 +143,7 @@ class ModelPackage:
 
 def write_json_atomic(path: Path, payload: dict) -> None:
     """Write through a temporary file and rename, so a crash never leaves half a JSON."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.partial")
     partial.write_text(json.dumps(payload, indent=2))
     os.replace(partial, path)

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import save_file
 
 from musc_edge.models import MissingWeightsError, create_backbone
-from musc_edge.models.weights import sha256_of
+from musc_edge.package import file_sha256
 
 
 @pytest.mark.parametrize(
@@ -45,7 +45,7 @@ def test_clip_weights_file_round_trip(tmp_path) -> None:
     with torch.no_grad():
         torch.testing.assert_close(loaded(images)[1], source(images)[1])
     assert loaded.weights.source == f"file:{path}"
-    assert loaded.weights.sha256 == sha256_of(path)
+    assert loaded.weights.sha256 == file_sha256(path)
 
 
 def test_torch_weights_file_is_loaded_weights_only(tmp_path) -> None:

@@ -81,9 +81,9 @@ def bench(
                 report["results"].append(entry)
     print_report(report)
     if json_out:
-        from musc_edge.cli.eval_cmd import write_json
+        from musc_edge.package import write_json_atomic
 
-        write_json(json_out, report)
+        write_json_atomic(json_out, report)
     if csv_out:
         write_csv(csv_out, report)
     if plot:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import statistics
 import time
@@ -18,6 +19,7 @@ from musc_edge.precision import Precision
 console = Console()
 BUDGET_BYTES = 256 * 2**20  # MuSc's default memory_budget_mb
 FRAC = 0.3
+BUSY_LOAD = 0.5  # 1-minute load average above which the timings are not trustworthy
 
 
 def timed_runs(
@@ -56,6 +58,9 @@ def bench_msm(
     from musc_edge.ops.original import original_msm
 
     where = torch.device(options.resolve_device(device))
+    load = os.getloadavg()[0]
+    if load >= BUSY_LOAD:
+        console.print(f"[yellow]note:[/] load average {load:.2f}; other processes skew timings")
     generator = torch.Generator().manual_seed(0)
     inputs = [
         torch.nn.functional.normalize(
@@ -93,6 +98,7 @@ def bench_msm(
         json_out.parent.mkdir(parents=True, exist_ok=True)
         payload = {
             "machine": machine,
+            "load_average_at_start": load,
             "torch": torch.__version__,
             "shape": {"n": n, "grid": grid, "dim": dim, "sets": sets},
             "precision": precision.value,

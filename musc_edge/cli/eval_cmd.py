@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -42,6 +41,7 @@ def evaluate(
     from musc_edge.images import ImageReadError
     from musc_edge.models import MissingWeightsError
     from musc_edge.musc import MuSc
+    from musc_edge.package import write_json_atomic
 
     started = time.perf_counter()
     with user_errors(DatasetError, MissingWeightsError, ImageReadError):
@@ -94,7 +94,7 @@ def evaluate(
             "mean": mean_metrics(reports),
             "seconds": elapsed,
         }
-        write_json(json_out, payload)
+        write_json_atomic(json_out, payload)
         console.print(f"results written to {json_out}")
 
 
@@ -127,11 +127,3 @@ def print_table(reports) -> None:
             f"{r.seconds:.1f}",
         )
     console.print(table)
-
-
-def write_json(path: Path, payload: dict) -> None:
-    """Write through a temporary file so a crash never leaves half a JSON."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(json.dumps(payload, indent=2))
-    partial.replace(path)

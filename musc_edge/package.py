@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Collection, Mapping
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 
+from musc_edge.files import write_json_atomic
 from musc_edge.images import Preprocess
 
 MANIFEST = "musc.json"
@@ -139,14 +139,6 @@ class ModelPackage:
     def write(self) -> None:
         """Write musc.json atomically into the package folder."""
         write_json_atomic(self.path(MANIFEST), self.to_dict())
-
-
-def write_json_atomic(path: Path, payload: dict) -> None:
-    """Write through a temporary file and rename, so a crash never leaves half a JSON."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(json.dumps(payload, indent=2))
-    os.replace(partial, path)
 
 
 def load_package(

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import cv2
 import numpy as np
+
+from musc_edge.files import write_atomic
 
 
 def normalise_maps(maps: np.ndarray, mode: str = "batch") -> np.ndarray:
@@ -31,11 +32,8 @@ def overlay(image_bgr: np.ndarray, heat01: np.ndarray, alpha: float = 0.5) -> np
 
 
 def write_png(path: Path, image: np.ndarray) -> None:
-    """Encode to a temporary name, then rename into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Encode, then write atomically (see musc_edge.files)."""
     ok, data = cv2.imencode(".png", image)
     if not ok:
         raise OSError(f"could not encode {path}")
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_bytes(data.tobytes())
-    os.replace(partial, path)
+    write_atomic(path, data.tobytes())

@@ -14,6 +14,8 @@ import json
 import os
 from pathlib import Path
 
+from musc_edge.files import write_atomic
+
 RESULTS_FILE = "results.jsonl"
 TABLE_FILE = "results.csv"
 TABLE_COLUMNS = (
@@ -110,9 +112,7 @@ class Journal:
         writer = csv.writer(buffer)
         writer.writerow(TABLE_COLUMNS)
         writer.writerows(table_row(record) for record in records)
-        partial = self.table.with_name(f".{self.table.name}.partial")
-        partial.write_text(buffer.getvalue())
-        os.replace(partial, self.table)
+        write_atomic(self.table, buffer.getvalue())
 
     def commit(self, records: list[dict]) -> None:
         """Append the records as one commit, durable before this returns."""

@@ -7,7 +7,6 @@ old file or the new one, and a batch scored again after a crash simply overwrite
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import cv2
 import numpy as np
 import torch
 
+from musc_edge.files import write_json_atomic
 from musc_edge.musc import MuScResult
 from musc_edge.visualize import overlay, write_png
 
@@ -67,11 +67,7 @@ def write_visuals(
 
 
 def write_manifest(folder: Path, summary: dict) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    target = folder / MANIFEST_FILE
-    partial = target.with_name(f".{target.name}.partial")
-    partial.write_text(json.dumps(summary, indent=2))
-    os.replace(partial, target)
+    write_json_atomic(folder / MANIFEST_FILE, summary)
 
 
 def read_manifest(path: Path) -> dict:

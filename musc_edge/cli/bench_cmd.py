@@ -81,7 +81,7 @@ def bench(
                 report["results"].append(entry)
     print_report(report)
     if json_out:
-        from musc_edge.package import write_json_atomic
+        from musc_edge.files import write_json_atomic
 
         write_json_atomic(json_out, report)
     if csv_out:

@@ -38,10 +38,10 @@ def evaluate(
     from musc_edge.datasets import DatasetError, list_categories, load_samples
     from musc_edge.evaluate import evaluate_category, mean_metrics
     from musc_edge.features import torch_extractor
+    from musc_edge.files import write_json_atomic
     from musc_edge.images import ImageReadError
     from musc_edge.models import MissingWeightsError
     from musc_edge.musc import MuSc
-    from musc_edge.package import write_json_atomic
 
     started = time.perf_counter()
     with user_errors(DatasetError, MissingWeightsError, ImageReadError):

@@ -24,12 +24,8 @@ from functools import partial
 
 import torch
 
+from musc_edge.msm import image_tiles
 from musc_edge.ops.bands import FillBand, half_squared_norms
-
-
-def image_tiles(start: int, stop: int, tile: int) -> list[tuple[int, int]]:
-    """Consecutive [a, b) ranges of at most `tile` images covering [start, stop)."""
-    return [(a, min(a + tile, stop)) for a in range(start, stop, tile)]
 
 
 def block_bytes(num_patches: int, key_tile: int, dtype: torch.dtype) -> int:

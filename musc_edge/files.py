@@ -1,0 +1,23 @@
+"""Atomic file writes: a reader (the next run, a watching program) sees the old file or the
+new one, never half of one, whenever the writer is killed."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+
+def write_atomic(path: Path, data: bytes | str) -> None:
+    """Write to a hidden temporary name beside `path`, then rename it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial")
+    if isinstance(data, str):
+        partial.write_text(data)
+    else:
+        partial.write_bytes(data)
+    os.replace(partial, path)
+
+
+def write_json_atomic(path: Path, payload: dict) -> None:
+    write_atomic(path, json.dumps(payload, indent=2))

@@ -55,7 +55,8 @@ class ExportResult:
 
 
 def default_folder(backbone: str, image_size: int) -> Path:
-    return Path("models") / f"{backbone}-{image_size}"
+    """packages/BACKBONE-SIZE in the working folder: outside the source tree."""
+    return Path("packages") / f"{backbone}-{image_size}"
 
 
 def tool_versions() -> dict[str, str | None]:

@@ -19,13 +19,14 @@ import onnx
 import torch
 from torch import nn
 
+from musc_edge.errors import MuscEdgeError
 from musc_edge.models import Backbone
 from musc_edge.package import INPUT_NAME, ModelPackage
 
 OPSET = 18  # the dynamo exporter's own opset: no version conversion pass
 
 
-class ExportError(RuntimeError):
+class ExportError(MuscEdgeError, RuntimeError):
     """The exported graph is not what the package describes; the message says what differs."""
 
 

@@ -14,7 +14,8 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from musc_edge.images import IMAGE_SUFFIXES, Preprocess, read_image
+from musc_edge.errors import UsageError
+from musc_edge.images import Preprocess, list_images, read_image
 from musc_edge.models import Backbone
 from musc_edge.package import INPUT_NAME, compare_outputs
 from musc_edge.runtime.synthetic import part_image
@@ -35,9 +36,9 @@ def parity_images(preprocess: Preprocess, folder: Path | None) -> tuple[np.ndarr
         images = [part_image(256, rng, defect=index % 2 == 1) for index in range(PARITY_COUNT)]
         names = [f"generated-part-{index}" for index in range(PARITY_COUNT)]
         return np.stack([preprocess(image) for image in images]), "generated", names
-    files = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    files = list_images(folder)
     if len(files) < PARITY_COUNT:
-        raise ValueError(
+        raise UsageError(
             f"--parity-images {folder} holds {len(files)} images; {PARITY_COUNT} are needed"
         )
     last = len(files) - 1

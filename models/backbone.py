@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from musc_edge.errors import UsageError
 from musc_edge.images import Preprocess
 from musc_edge.models.registry import BackboneSpec
 
@@ -32,12 +33,12 @@ class Backbone(nn.Module):
     ) -> None:
         super().__init__()
         if image_size % spec.patch_size:
-            raise ValueError(
+            raise UsageError(
                 f"image size {image_size} is not a multiple of {spec.name}'s patch size "
                 f"{spec.patch_size}; try {image_size // spec.patch_size * spec.patch_size}"
             )
         if not layers or any(not 1 <= layer <= spec.depth for layer in layers):
-            raise ValueError(
+            raise UsageError(
                 f"layers {layers} out of range: {spec.name} has blocks 1..{spec.depth}"
             )
         self.spec = spec

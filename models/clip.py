@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from musc_edge.errors import UsageError
 from musc_edge.models.backbone import Backbone, WeightsInfo, resample_position_grid
 from musc_edge.models.registry import BackboneSpec
 
@@ -23,7 +24,7 @@ class ClipTower(Backbone):
     ) -> None:
         super().__init__(spec, image_size, layers, weights)
         if visual.attn_pool is not None or visual.pool_type != "tok":
-            raise ValueError(f"{spec.name}: only class-token pooled CLIP towers are supported")
+            raise UsageError(f"{spec.name}: only class-token pooled CLIP towers are supported")
         pos = resample_position_grid(visual.positional_embedding.data, 1, self.grid)
         visual.positional_embedding = nn.Parameter(pos)
         self.visual = visual.eval()

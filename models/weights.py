@@ -11,12 +11,13 @@ from pathlib import Path
 import torch
 from platformdirs import user_cache_dir
 
+from musc_edge.errors import MuscEdgeError
 from musc_edge.models.registry import BackboneSpec
 
 FETCHED_FILES = {"dinov2-vits14": "dinov2-vits14-imgfocus.safetensors"}
 
 
-class MissingWeightsError(RuntimeError):
+class MissingWeightsError(MuscEdgeError, RuntimeError):
     """No weights could be found for a backbone; the message lists how to supply them."""
 
 

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import yaml
 
+from musc_edge.errors import UsageError
+
 DEFAULT_PRESET = "dinov2-vits14-224"
 
 
@@ -30,6 +32,15 @@ class MuScConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def musc_settings(self) -> dict:
+        """The MuSc settings a model package records (musc.json's `musc`)."""
+        return {
+            "r_list": list(self.r_list),
+            "frac": self.frac,
+            "k_list": list(self.k_list),
+            "precision": self.precision,
+        }
+
 
 def available_presets() -> list[str]:
     return sorted(
@@ -48,7 +59,7 @@ def load_preset(name_or_path: str | Path) -> MuScConfig:
         try:
             text = resources.files("musc_edge.configs").joinpath(f"{name_or_path}.yaml").read_text()
         except FileNotFoundError:
-            raise ValueError(
+            raise UsageError(
                 f"unknown preset {name_or_path!r}; choose one of {', '.join(available_presets())} "
                 "or pass a YAML file"
             ) from None
@@ -56,7 +67,7 @@ def load_preset(name_or_path: str | Path) -> MuScConfig:
     known = {f.name for f in fields(MuScConfig)}
     unknown = set(data) - known
     if unknown:
-        raise ValueError(f"preset {name_or_path}: unknown keys {sorted(unknown)}")
+        raise UsageError(f"preset {name_or_path}: unknown keys {sorted(unknown)}")
     for key in ("layers", "r_list", "k_list"):
         if data.get(key) is not None:
             data[key] = tuple(data[key])

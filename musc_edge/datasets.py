@@ -13,8 +13,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from musc_edge.errors import MuscEdgeError
+from musc_edge.images import list_images
+
 DATASETS = ("mvtec", "visa", "btad", "folder")
-IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
 GOOD = "good"
 VISA_DEFECT = "anomaly"
 VISA_SPLIT_CSV = Path("split_csv") / "1cls.csv"
@@ -40,21 +42,13 @@ class Sample:
     mask_path: Path | None  # None for normal images or when no mask exists
 
 
-class DatasetError(ValueError):
+class DatasetError(MuscEdgeError, ValueError):
     """A dataset root, category or layout that cannot be read; the message says what to fix."""
-
-
-def _is_image(path: Path) -> bool:
-    return (
-        path.is_file() and not path.name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS
-    )
 
 
 def _images(folder: Path) -> list[Path]:
     """Visible image files directly inside `folder`, none when it does not exist."""
-    if not folder.is_dir():
-        return []
-    return sorted(p for p in folder.iterdir() if _is_image(p))
+    return list_images(folder, recursive=False)
 
 
 def _subdirs(folder: Path) -> list[Path]:

@@ -2,16 +2,45 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
 
+from musc_edge.errors import MuscEdgeError
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 
-class ImageReadError(ValueError):
+def is_image_name(name: str) -> bool:
+    """An image's name, not a hidden, backup or in-progress one.
+
+    Writers' temporary names (x.tmp, x.part, x.partial, x.crdownload, x.png~) fail the suffix
+    test; dotfiles and ~$ lock files are hidden by convention.
+    """
+    return not name.startswith((".", "~")) and Path(name).suffix.lower() in IMAGE_SUFFIXES
+
+
+def list_images(folder: Path, recursive: bool = True) -> list[Path]:
+    """Image files under `folder` (or directly in it), sorted; none if it does not exist.
+
+    Hidden folders are skipped, as hidden files are.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = []
+    for parent, subfolders, names in os.walk(folder):
+        subfolders[:] = (
+            [name for name in subfolders if not name.startswith(".")] if recursive else []
+        )
+        found += [Path(parent, name) for name in names if is_image_name(name)]
+    return sorted(path for path in found if path.is_file())
+
+
+class ImageReadError(MuscEdgeError, ValueError):
     """An image file that cannot be decoded; the message names the file and the cause."""
 
 

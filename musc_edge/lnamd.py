@@ -1,4 +1,4 @@
-"""LNAMD: local neighbourhood aggregation of patch tokens (DESIGN.md section 3, step 2).
+"""LNAMD: local neighbourhood aggregation of patch tokens (docs/design.md, step 2).
 
 Each patch is replaced by the mean of its r x r neighbourhood so that MSM compares regions of
 several sizes; a defect smaller than one patch and one spread over several both stand out.

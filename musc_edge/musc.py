@@ -1,40 +1,50 @@
-"""The MuSc scorer: LNAMD -> MSM -> maps -> RsCIN over one batch of unlabeled images."""
+"""The MuSc scorer: LNAMD -> MSM -> maps -> RsCIN, the one place every caller scores through.
+
+Two ways to score: a batch of unlabeled images against each other (`score`), and query images
+against references that vote but receive no score (`score_pooled` with `References`): a rolling
+window of recent parts today, a bank of known-good parts tomorrow. Both run the same LNAMD,
+the same MSM backend and the same RsCIN (docs/design.md).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from musc_edge import lnamd as reference_lnamd
-from musc_edge import msm as reference_msm
-from musc_edge import ops
+from musc_edge import lnamd, lnamd_op
+from musc_edge.errors import MuscEdgeError
 from musc_edge.lnamd import grid_side
+from musc_edge.msm import DEFAULT_BACKEND, mutual_scores
+from musc_edge.msm.backends import check_backend
 from musc_edge.precision import Precision, parse_precision
 from musc_edge.rscin import rscin
 
+# Below this many images (queries and references together) mutual scores are defined but
+# unreliable, and a median / MAD of so few scores says nothing either.
 RELIABLE_BATCH = 5
 Progress = Callable[[int, int], None]
-# (LNAMD, MSM) per backend: the custom ops, or the plain torch reference they are tested against
-BACKENDS = {
-    "ops": (ops.lnamd, ops.msm_scores),
-    "reference": (reference_lnamd.lnamd, reference_msm.msm_scores),
-}
+# stage(name) -> a context manager around that stage ("lnamd", "msm", "rscin"): the hook the
+# benchmark times the stages with
+StageHook = Callable[[str], AbstractContextManager]
+POOLING = {"op": lnamd_op.lnamd, "plain": lnamd.lnamd}
 
 
-class MuScInputError(ValueError):
+class MuScInputError(MuscEdgeError, ValueError):
     """Tokens or embeddings that MuSc cannot score; the message says what to fix."""
 
 
 @dataclass
 class MuScResult:
-    """Scores of one batch: per-patch maps, raw image scores and RsCIN-smoothed scores."""
+    """Scores of the scored images: per-patch maps, raw image scores and RsCIN scores."""
 
-    patch_maps: torch.Tensor  # (N, h, h)
+    patch_maps: torch.Tensor  # (N, h, h) patch distances
     raw_scores: torch.Tensor  # (N,) max of each patch map
     scores: torch.Tensor  # (N,) after RsCIN
 
@@ -44,6 +54,19 @@ class MuScResult:
             self.patch_maps.unsqueeze(1), size=size, mode="bilinear", align_corners=True
         )
         return maps.squeeze(1)
+
+
+@dataclass
+class References:
+    """Images that vote in every query's scores but receive none: pooled sets, embeddings and
+    the raw scores they were given when they were scored themselves (RsCIN needs those)."""
+
+    sets: list[torch.Tensor]  # one (R, L, C) unit-vector set per (layer, r)
+    embeddings: torch.Tensor  # (R, D)
+    raw_scores: torch.Tensor  # (R,)
+
+    def __len__(self) -> int:
+        return self.embeddings.shape[0]
 
 
 def check_inputs(tokens: Sequence[torch.Tensor], embeddings: torch.Tensor) -> int:
@@ -82,8 +105,37 @@ def check_inputs(tokens: Sequence[torch.Tensor], embeddings: torch.Tensor) -> in
     return num_images
 
 
+def check_references(sets: Sequence[torch.Tensor], references: References) -> None:
+    """References must hold as many sets as the queries, on the same grid and width."""
+    if len(references.sets) != len(sets):
+        raise MuScInputError(
+            f"references hold {len(references.sets)} pooled sets, the queries {len(sets)}; "
+            "they must come from the same layers and r_list"
+        )
+    for query, ref in zip(sets, references.sets, strict=True):
+        if ref.shape[1:] != query.shape[1:] or ref.shape[0] != len(references):
+            raise MuScInputError(
+                f"references of shape {tuple(ref.shape)} do not fit queries of shape "
+                f"{tuple(query.shape)} with {len(references)} reference embeddings"
+            )
+
+
+def unreliable_warning(num_images: int) -> None:
+    if num_images < RELIABLE_BATCH:
+        warnings.warn(
+            f"MuSc scores {num_images} image(s) against each other; with fewer than "
+            f"{RELIABLE_BATCH} the scores are defined but unreliable"
+            + (" (a single image always scores 0)" if num_images == 1 else ""),
+            stacklevel=3,
+        )
+
+
+def no_stage(name: str) -> AbstractContextManager:
+    return contextlib.nullcontext()
+
+
 class MuSc:
-    """Zero-shot anomaly scoring of a batch of unlabeled images by mutual patch scoring.
+    """Zero-shot anomaly scoring of unlabeled images by mutual patch scoring.
 
     >>> result = MuSc().score(tokens, embeddings)  # tokens: list of (N, L, C), one per layer
     >>> result.scores, result.patch_maps
@@ -96,65 +148,91 @@ class MuSc:
         k_list: Sequence[int] = (1, 2, 3),
         precision: Precision | str = "fp32",
         memory_budget_mb: int = 256,
-        backend: str = "ops",
+        backend: str = DEFAULT_BACKEND,
+        pooling: str = "op",
     ) -> None:
         if not r_list or any(r < 1 or r % 2 == 0 for r in r_list):
-            raise ValueError(f"r_list must hold odd sizes >= 1, got {tuple(r_list)}")
+            raise MuScInputError(f"r_list must hold odd sizes >= 1, got {tuple(r_list)}")
         if not 0 < frac <= 1:
-            raise ValueError(f"frac must be in (0, 1], got {frac}")
+            raise MuScInputError(f"frac must be in (0, 1], got {frac}")
         if not k_list or any(k < 1 for k in k_list):
-            raise ValueError(f"k_list must hold sizes >= 1, got {tuple(k_list)}")
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+            raise MuScInputError(f"k_list must hold sizes >= 1, got {tuple(k_list)}")
+        if pooling not in POOLING:
+            raise MuScInputError(f"pooling must be one of {', '.join(POOLING)}, got {pooling!r}")
         self.r_list = tuple(r_list)
         self.frac = frac
         self.k_list = tuple(k_list)
         self.precision = parse_precision(precision)
         self.budget_bytes = memory_budget_mb * 2**20
-        self.backend = backend
+        self.backend = check_backend(backend)
+        self.pooling = pooling
 
-    def pool(self, layer: torch.Tensor) -> list[torch.Tensor]:
-        """LNAMD of one layer's (N, L, C) tokens: one unit-vector set per r."""
-        return BACKENDS[self.backend][0](layer, self.r_list)
-
-    def mutual_scores(self, z: torch.Tensor) -> torch.Tensor:
-        """MSM of one (N, L, C) unit-vector set: (N, L) patch scores."""
-        return BACKENDS[self.backend][1](z, self.frac, self.budget_bytes, self.precision.dtype)
+    def pool(self, tokens: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """LNAMD of (N, L, C) tokens per layer: one (N, L, C) unit-vector set per (layer, r)."""
+        pool = POOLING[self.pooling]
+        return [z for layer in tokens for z in pool(layer, self.r_list)]
 
     def patch_scores(
-        self, tokens: Sequence[torch.Tensor], progress: Progress | None = None
+        self,
+        sets: Sequence[torch.Tensor],
+        num_queries: int | None = None,
+        progress: Progress | None = None,
     ) -> torch.Tensor:
-        """(N, L) patch scores averaged over every layer and neighbourhood size."""
+        """(Q, L) MSM patch scores of the first Q images, averaged over every pooled set."""
         total = None
-        num_sets = len(tokens) * len(self.r_list)
-        for index, z in enumerate(z for layer in tokens for z in self.pool(layer)):
-            scores = self.mutual_scores(z)
+        for index, z in enumerate(sets):
+            scores = mutual_scores(
+                z, self.frac, self.budget_bytes, self.precision.dtype, self.backend, num_queries
+            )
             total = scores if total is None else total + scores
             if progress:
-                progress(index + 1, num_sets)
-        return total / num_sets
+                progress(index + 1, len(sets))
+        return total / len(sets)
 
     @torch.no_grad()
     def score(
         self,
         tokens: Sequence[torch.Tensor],
         embeddings: torch.Tensor,
+        references: References | None = None,
         progress: Progress | None = None,
+        stage: StageHook = no_stage,
     ) -> MuScResult:
-        """Score N images against each other; see DESIGN.md section 3 for every step.
+        """Score N images against each other (and the references, if any).
 
         `progress(done, total)` is called after each (layer, r) set, the slow part.
         """
-        num_images = check_inputs(tokens, embeddings)
-        if num_images < RELIABLE_BATCH:
-            warnings.warn(
-                f"MuSc scores {num_images} image(s) against each other; with fewer than "
-                f"{RELIABLE_BATCH} the scores are defined but unreliable"
-                + (" (a single image always scores 0)" if num_images == 1 else ""),
-                stacklevel=2,
-            )
-        patch = self.patch_scores(tokens, progress)
+        check_inputs(tokens, embeddings)
+        with stage("lnamd"):
+            sets = self.pool(tokens)
+        return self.score_pooled(sets, embeddings, references, progress, stage)
+
+    @torch.no_grad()
+    def score_pooled(
+        self,
+        sets: Sequence[torch.Tensor],
+        embeddings: torch.Tensor,
+        references: References | None = None,
+        progress: Progress | None = None,
+        stage: StageHook = no_stage,
+    ) -> MuScResult:
+        """Score already pooled query images; references vote in MSM and RsCIN, unscored."""
+        num_queries = embeddings.shape[0]
+        if references is not None and len(references):
+            check_references(sets, references)
+            sets = [
+                torch.cat([q.to(r.dtype), r]) for q, r in zip(sets, references.sets, strict=True)
+            ]
+        num_images = sets[0].shape[0]
+        unreliable_warning(num_images)
+        with stage("msm"):
+            patch = self.patch_scores(sets, num_queries, progress)
+        with stage("rscin"):
+            raw = patch.amax(dim=1)
+            all_raw, all_embeddings = raw, embeddings.to(raw.device)
+            if num_images > num_queries:
+                all_raw = torch.cat([raw, references.raw_scores.to(raw)])
+                all_embeddings = torch.cat([all_embeddings, references.embeddings.to(raw.device)])
+            scores = rscin(all_raw, all_embeddings, self.k_list)[:num_queries]
         side = math.isqrt(patch.shape[1])
-        patch_maps = patch.view(num_images, side, side)
-        raw = patch.amax(dim=1)
-        return MuScResult(patch_maps, raw, rscin(raw, embeddings.to(raw.device), self.k_list))
+        return MuScResult(patch.view(num_queries, side, side), raw, scores)

@@ -8,7 +8,6 @@ scores. `parity.json` beside it reports how closely each engine reproduces the t
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Collection, Mapping
 from dataclasses import MISSING, asdict, dataclass, field, fields
@@ -16,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from musc_edge.files import write_json_atomic
+from musc_edge.errors import MuscEdgeError
+from musc_edge.files import file_sha256, write_json_atomic
 from musc_edge.images import Preprocess
 
 MANIFEST = "musc.json"
@@ -32,16 +32,8 @@ INPUT_NAME = "images"
 EMBEDDING_NAME = "embedding"
 
 
-class PackageError(ValueError):
+class PackageError(MuscEdgeError, ValueError):
     """A model package that cannot be used as it is; the message says what to do."""
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def tensor_names(layers: list[int]) -> list[str]:

@@ -6,6 +6,8 @@ import enum
 
 import torch
 
+from musc_edge.errors import UsageError
+
 
 class Precision(str, enum.Enum):
     """fp32 is exact; bf16 and fp16 feed the matrix products in half width (fp32 accumulate)."""
@@ -25,4 +27,4 @@ def parse_precision(value: Precision | str) -> Precision:
         return Precision(value)
     except ValueError:
         names = ", ".join(p.value for p in Precision)
-        raise ValueError(f"unknown precision {value!r}; choose one of {names}") from None
+        raise UsageError(f"unknown precision {value!r}; choose one of {names}") from None

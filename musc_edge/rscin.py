@@ -1,4 +1,4 @@
-"""RsCIN: smooth image scores over look-alike images (DESIGN.md section 3, step 5).
+"""RsCIN: smooth image scores over look-alike images (docs/design.md, step 5).
 
 An image whose nearest neighbours (by global embedding) score low is probably normal even if
 one patch scored high by chance; averaging over k neighbours for several k damps such noise.

@@ -8,6 +8,7 @@ the two pipelines agree.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import resource
 import statistics
@@ -20,26 +21,29 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from musc_edge.errors import MuscEdgeError
 from musc_edge.features import Extractor
-from musc_edge.images import IMAGE_SUFFIXES, Preprocess, read_image
+from musc_edge.images import Preprocess, list_images, read_image
 from musc_edge.musc import MuSc
-from musc_edge.rscin import rscin
 from musc_edge.visualize import normalise_maps, overlay, write_png
 
 STAGES = ("decode", "backbone", "lnamd", "msm", "rscin", "write")
 TOLERANCE = {"fp32": 1e-4, "bf16": 3e-2, "fp16": 3e-2}  # max abs difference of patch maps
 
 
+class BenchError(MuscEdgeError):
+    """A benchmark that cannot run as asked."""
+
 
 @dataclass
 class Pipeline:
-    """One way of turning decoded images into maps and scores, stage by stage."""
+    """One way of turning decoded images into maps and scores, stage by stage: the MuSc
+    settings (backend, pooling, precision) decide how LNAMD, MSM and RsCIN run."""
 
     name: str
     preprocess: Preprocess
     extractor: Extractor
     musc: MuSc
-    mutual_scores: Callable[[torch.Tensor], torch.Tensor]  # (N, L, C) unit vectors -> (N, L)
     max_batch: int = 8
 
 
@@ -97,7 +101,8 @@ class Stopwatch:
     def __init__(self) -> None:
         self.times: dict[str, float] = {}
 
-    def stage(self, name: str):
+    def stage(self, name: str) -> contextlib.AbstractContextManager:
+        """A context manager adding the time spent inside it to `name`."""
         watch = self
 
         class _Timer:
@@ -127,24 +132,18 @@ def run_once(pipeline: Pipeline, paths: Sequence[Path], out_dir: Path) -> RunOut
             embeddings.append(embedding)
         per_layer = [torch.cat(layer) for layer in zip(*tokens, strict=True)]
         embedding_all = torch.cat(embeddings)
-    musc = pipeline.musc
-    with watch.stage("lnamd"):
-        sets = [z for layer in per_layer for z in musc.pool(layer)]
-    with watch.stage("msm"):
-        patch = torch.stack([pipeline.mutual_scores(z) for z in sets]).mean(dim=0)
-    with watch.stage("rscin"):
-        raw = patch.amax(dim=1)
-        scores = rscin(raw, embedding_all.to(raw.device), musc.k_list)
-    side = int(patch.shape[1] ** 0.5)
-    maps = patch.view(-1, side, side).float().cpu()
+    result = pipeline.musc.score(per_layer, embedding_all, stage=watch.stage)
+    maps = result.patch_maps.float().cpu()
+    scores = result.scores
     with watch.stage("write"):
         write_results(out_dir, images, maps, scores.cpu())
     watch.times["total"] = sum(watch.times.values())
     return RunOutput(watch.times, maps, scores.float().cpu())
 
 
-def write_results(out_dir: Path, images: Sequence[np.ndarray], maps: torch.Tensor,
-                  scores: torch.Tensor) -> None:
+def write_results(
+    out_dir: Path, images: Sequence[np.ndarray], maps: torch.Tensor, scores: torch.Tensor
+) -> None:
     """What the line writes per image: a JSON line and a heatmap overlay PNG."""
     heat = normalise_maps(maps.numpy(), "batch")
     with open(out_dir / "results.jsonl", "w") as journal:
@@ -153,8 +152,13 @@ def write_results(out_dir: Path, images: Sequence[np.ndarray], maps: torch.Tenso
             journal.write(json.dumps({"index": index, "score": score}) + "\n")
 
 
-def measure(pipeline: Pipeline, paths: Sequence[Path], runs: int, warmup: int,
-            on_run: Callable[[], None] | None = None) -> tuple[Measurement, RunOutput]:
+def measure(
+    pipeline: Pipeline,
+    paths: Sequence[Path],
+    runs: int,
+    warmup: int,
+    on_run: Callable[[], None] | None = None,
+) -> tuple[Measurement, RunOutput]:
     """`warmup` untimed runs, then `runs` timed ones; returns the last run's output too."""
     result = Measurement(pipeline.name, len(paths))
     if torch.cuda.is_available():
@@ -173,10 +177,10 @@ def measure(pipeline: Pipeline, paths: Sequence[Path], runs: int, warmup: int,
     return result, output
 
 
-def agreement(ours: RunOutput, reference: RunOutput, precision: str) -> dict:
+def agreement(ours: RunOutput, original: RunOutput, precision: str) -> dict:
     """Largest differences of maps and scores, and whether they are within tolerance."""
-    map_diff = float((ours.patch_maps - reference.patch_maps).abs().max())
-    score_diff = float((ours.scores - reference.scores).abs().max())
+    map_diff = float((ours.patch_maps - original.patch_maps).abs().max())
+    score_diff = float((ours.scores - original.scores).abs().max())
     tolerance = TOLERANCE[precision]
     return {
         "max_map_diff": map_diff,
@@ -186,11 +190,11 @@ def agreement(ours: RunOutput, reference: RunOutput, precision: str) -> dict:
     }
 
 
-def speedups(ours: dict, reference: dict) -> dict[str, float]:
-    """Reference median over ours, per stage and in total."""
-    median = {name: run["stages"] for name, run in (("ours", ours), ("ref", reference))}
+def speedups(ours: dict, original: dict) -> dict[str, float]:
+    """Original median over ours, per stage and in total."""
+    median = {name: run["stages"] for name, run in (("ours", ours), ("original", original))}
     return {
-        stage: median["ref"][stage]["median_s"] / max(median["ours"][stage]["median_s"], 1e-12)
+        stage: median["original"][stage]["median_s"] / max(median["ours"][stage]["median_s"], 1e-12)
         for stage in ("backbone", "msm", "total")
     }
 
@@ -198,9 +202,8 @@ def speedups(ours: dict, reference: dict) -> dict[str, float]:
 def batch_paths(folder: Path, batch_size: int) -> tuple[list[Path], bool]:
     """The first `batch_size` images of a folder (sorted), repeated in order if there are
     fewer; the flag says whether repetition was needed (timings hold, scores do not)."""
-    files = sorted(p for p in Path(folder).rglob("*")
-                   if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+    files = list_images(folder)
     if not files:
-        raise ValueError(f"no images under {folder}")
+        raise BenchError(f"no images under {folder}")
     repeated = len(files) < batch_size
     return [files[i % len(files)] for i in range(batch_size)], repeated

@@ -18,18 +18,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from musc_edge.images import IMAGE_SUFFIXES, ImageReadError, read_image
-from musc_edge.package import file_sha256
+from musc_edge.files import file_sha256
+from musc_edge.images import ImageReadError, is_image_name, read_image
 from musc_edge.runtime.journal import Key
-
-
-def is_candidate(name: str) -> bool:
-    """An image name, not a hidden, backup or in-progress one.
-
-    Writers' temporary names (x.tmp, x.part, x.partial, x.crdownload, x.png~) fail the suffix
-    test; dotfiles and ~$ lock files are hidden by convention.
-    """
-    return not name.startswith((".", "~")) and Path(name).suffix.lower() in IMAGE_SUFFIXES
 
 
 @dataclass
@@ -136,7 +127,7 @@ class CameraDir:
                 if not name.startswith(".")
                 and (self.exclude is None or Path(folder, name).resolve() != self.exclude)
             )
-            yield from (Path(folder, name) for name in names if is_candidate(name))
+            yield from (Path(folder, name) for name in names if is_image_name(name))
 
     def _load(self, path: Path, state: _Watched, now: float) -> Arrival | None:
         """Hash and decode; None if it does not decode (yet) or changed while being read."""

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from musc_edge.errors import MuscEdgeError, UsageError
 from musc_edge.package import (
     ENGINE_FILE,
     INPUT_NAME,
@@ -48,7 +49,7 @@ class EnginePrecision(str, enum.Enum):
     fp32 = "fp32"
 
 
-class EngineBuildError(RuntimeError):
+class EngineBuildError(MuscEdgeError, RuntimeError):
     """TensorRT could not build a sound engine; the message says why."""
 
 
@@ -69,7 +70,7 @@ def profile_shapes(image_size: int, max_batch: int) -> tuple[tuple[int, ...], ..
     """(min, opt, max) input shapes of the optimisation profile: any batch from 1 to
     max_batch, kernels tuned for full batches, which the line runtime sends under load."""
     if max_batch < 1:
-        raise ValueError(f"max batch must be at least 1, got {max_batch}")
+        raise UsageError(f"max batch must be at least 1, got {max_batch}")
     single = (1, 3, image_size, image_size)
     full = (max_batch, 3, image_size, image_size)
     return single, full, full

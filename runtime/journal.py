@@ -1,54 +1,34 @@
-"""results.jsonl, the line's source of truth, and the results.csv derived from it.
+"""results.jsonl, the line's source of truth, and a sink like the others.
 
 Every commit (one batch, or one image in rolling mode) is appended with a single write and
 fsync'd, and each of its lines says how many lines the commit holds. At start a torn last line
-or an incomplete last commit is cut off, so those images are scored again, exactly once; the
-CSV is then rebuilt from the journal, so it can never disagree with it.
+or an incomplete last commit is cut off, so those images are scored again, exactly once.
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import os
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from musc_edge.files import write_atomic
+from musc_edge.errors import MuscEdgeError
+from musc_edge.runtime.record import RecordError, ResultRecord
 
 RESULTS_FILE = "results.jsonl"
-TABLE_FILE = "results.csv"
-TABLE_COLUMNS = (
-    "file",
-    "sha256",
-    "batch",
-    "score",
-    "raw_score",
-    "label",
-    "threshold",
-    "features_ms",
-    "score_ms",
-    "latency_ms",
-    "overlay",
-    "mask",
-    "error",
-    "rejected",
-)
 
 Key = tuple[str, int, int]  # path relative to the camera folder, size, mtime in ns
 
 
-class JournalError(ValueError):
+class JournalError(MuscEdgeError, ValueError):
     """A results.jsonl that cannot be trusted as it is; the message says how to fix it."""
 
 
-def record_key(record: dict) -> Key:
-    return record["file"], record["size"], record["mtime_ns"]
-
-
-def table_row(record: dict) -> list:
-    flat = {**(record.get("timings") or {}), **record}
-    return ["" if flat.get(column) is None else flat[column] for column in TABLE_COLUMNS]
+def changed_by_hand(path: Path, number: int, why: str) -> JournalError:
+    return JournalError(
+        f"{path} line {number} {why}; it was changed by hand. Fix or remove that line, or "
+        "start a new --out folder"
+    )
 
 
 class Journal:
@@ -56,38 +36,39 @@ class Journal:
 
     def __init__(self, out_dir: Path) -> None:
         self.path = out_dir / RESULTS_FILE
-        self.table = out_dir / TABLE_FILE
         self.keys: set[Key] = set()
         self.last_commit = 0
         self.last_batch = 0
-        self.last_batch_records: list[dict] = []
+        self.last_batch_records: list[ResultRecord] = []
         self.dropped_lines = 0
         out_dir.mkdir(parents=True, exist_ok=True)
         self._recover()
 
     def _recover(self) -> None:
-        """Read the journal, cut off a torn or incomplete last commit, rebuild the CSV."""
+        """Read the journal and cut off a torn or incomplete last commit."""
         data = self.path.read_bytes() if self.path.is_file() else b""
         *lines, torn = data.split(b"\n")
-        records, ends = [], []
+        records: list[ResultRecord] = []
+        ends = []
         position = 0
         for number, line in enumerate(lines, start=1):
             position += len(line) + 1
             try:
-                records.append(json.loads(line))
+                records.append(ResultRecord.from_dict(json.loads(line)))
             except json.JSONDecodeError:
                 if position < len(data):  # only the very last line may be torn
-                    raise JournalError(
-                        f"{self.path} line {number} is not valid JSON; it was changed by hand. "
-                        "Fix or remove that line, or start a new --out folder"
-                    ) from None
+                    raise changed_by_hand(self.path, number, "is not valid JSON") from None
                 break
+            except RecordError as error:
+                raise changed_by_hand(
+                    self.path, number, f"is not a result record ({error})"
+                ) from None
             ends.append(position)
         keep = len(records)
         if records:
-            last = records[-1]["commit"]
-            tail = sum(1 for r in records if r["commit"] == last)
-            if tail < records[-1]["commit_lines"]:
+            last = records[-1].commit
+            tail = sum(1 for r in records if r.commit == last)
+            if tail < records[-1].commit_lines:
                 keep -= tail
         good_length = ends[keep - 1] if keep else 0
         self.dropped_lines = len(lines) + bool(torn) - keep
@@ -97,36 +78,38 @@ class Journal:
                 os.fsync(handle.fileno())
         for record in records[:keep]:
             self._remember(record)
-        self._rebuild_table(records[:keep])
 
-    def _remember(self, record: dict) -> None:
-        self.keys.add(record_key(record))
-        self.last_commit = record["commit"]
-        if record.get("batch") is not None:
-            if record["batch"] != self.last_batch:
-                self.last_batch, self.last_batch_records = record["batch"], []
-            self.last_batch_records.append(record)
+    def records(self) -> Iterator[ResultRecord]:
+        """Every committed record, read back from disk (for sinks rebuilt at start)."""
+        if self.path.is_file():
+            with open(self.path) as handle:
+                for line in handle:
+                    yield ResultRecord.from_dict(json.loads(line))
 
-    def _rebuild_table(self, records: list[dict]) -> None:
-        buffer = io.StringIO()
-        writer = csv.writer(buffer)
-        writer.writerow(TABLE_COLUMNS)
-        writer.writerows(table_row(record) for record in records)
-        write_atomic(self.table, buffer.getvalue())
+    def _remember(self, record: ResultRecord) -> None:
+        self.keys.add(record.key)
+        self.last_commit = record.commit
+        if record.batch != self.last_batch:
+            self.last_batch, self.last_batch_records = record.batch, []
+        self.last_batch_records.append(record)
 
-    def commit(self, records: list[dict]) -> None:
+    def commit(self, records: Sequence[ResultRecord], context: object = None) -> None:
         """Append the records as one commit, durable before this returns."""
         if not records:
             return
         commit = self.last_commit + 1
         for record in records:
-            record.update(commit=commit, commit_lines=len(records))
-        data = "".join(json.dumps(record) + "\n" for record in records).encode()
+            record.commit, record.commit_lines = commit, len(records)
+        data = "".join(json.dumps(record.to_dict()) + "\n" for record in records).encode()
         with open(self.path, "ab") as handle:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
-        with open(self.table, "a", newline="") as handle:
-            csv.writer(handle).writerows(table_row(record) for record in records)
         for record in records:
             self._remember(record)
+
+    def flush(self) -> None:
+        """Every commit is fsync'd before `commit` returns."""
+
+    def close(self) -> None:
+        """Nothing is held open between commits."""

@@ -1,8 +1,9 @@
-"""The camera-folder line: watch, extract on arrival, score in batches or rolling, record.
+"""The camera-folder line: watch, extract on arrival, score in batches or rolling, commit.
 
-Order of work per commit: overlays and masks, then the journal (one durable write), then the
-manifest. The journal is the only state: whatever it lacks after a crash is scored again at
-the next start, whatever it holds is never scored again.
+Each commit (a scored batch, a rolling answer, a group of failures) is a list of result
+records handed to the sinks in the crash-safe order `musc_edge.runtime.sinks` states. The
+journal is the only state: whatever it lacks after a crash is scored again at the next start,
+whatever it holds is never scored again.
 """
 
 from __future__ import annotations
@@ -12,27 +13,21 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from musc_edge.errors import UsageError
 from musc_edge.musc import MuSc
 from musc_edge.package import ModelPackage
 from musc_edge.runtime.camera import Arrival, CameraDir
 from musc_edge.runtime.journal import Journal
-from musc_edge.runtime.outputs import (
-    MANIFEST_FILE,
-    batch_dir,
-    preview,
-    read_manifest,
-    set_aside,
-    write_manifest,
-    write_visuals,
-)
+from musc_edge.runtime.outputs import preview, set_aside, visual_paths
+from musc_edge.runtime.record import ResultRecord, Timings
 from musc_edge.runtime.runners import Runner
 from musc_edge.runtime.scoring import Answer, Item, RollingScorer, score_batch
+from musc_edge.runtime.sinks import CommitContext, Sink, SinkSetup, open_sinks
 from musc_edge.runtime.threshold import AUTO_RULE, label
 
 MODES = ("batch", "rolling")
@@ -53,6 +48,7 @@ class LineSettings:
     settle: float = 1.0
     decode_timeout: float = 10.0
     max_wait: float | None = 60.0  # watch, batch mode: score a partial batch this old
+    sinks: tuple[str, ...] = ()  # extra sinks by registered name, after the built-in ones
 
 
 @dataclass
@@ -82,11 +78,11 @@ class Line:
         on_update: Callable[[LineStats], None] | None = None,
     ) -> None:
         if settings.mode not in MODES:
-            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {settings.mode!r}")
+            raise UsageError(f"mode must be one of {', '.join(MODES)}, got {settings.mode!r}")
         if settings.batch_size < 1:
-            raise ValueError(f"batch size must be at least 1, got {settings.batch_size}")
+            raise UsageError(f"batch size must be at least 1, got {settings.batch_size}")
         if not settings.camera_dir.is_dir():
-            raise ValueError(f"camera folder {settings.camera_dir} does not exist")
+            raise UsageError(f"camera folder {settings.camera_dir} does not exist")
         self.settings = settings
         self.package = package
         self.runner = runner
@@ -116,16 +112,25 @@ class Line:
             "backbone": package.backbone,
             "image_size": package.image_size,
             "engine": runner.description,
-            "precision": musc.precision.value,
+            "msm_precision": musc.precision.value,
             "musc": {"r_list": musc.r_list, "frac": musc.frac, "k_list": musc.k_list},
             "threshold_rule": "fixed" if settings.threshold is not None else AUTO_RULE,
             "map_norm": settings.map_norm,
         }
-        self._repair_manifest()
+        self.sinks: list[Sink] = open_sinks(
+            SinkSetup(settings.out_dir, self.journal, self.run_info), settings.sinks
+        )
 
     def run(self, stop: threading.Event | None = None) -> LineStats:
         """Until stopped (watch) or until the folder is done (once); returns the totals."""
-        stop = stop or threading.Event()
+        try:
+            return self._loop(stop or threading.Event())
+        finally:
+            for sink in self.sinks:
+                sink.flush()
+                sink.close()
+
+    def _loop(self, stop: threading.Event) -> LineStats:
         settings = self.settings
         while True:
             self.camera.scan()
@@ -210,28 +215,28 @@ class Line:
         last, records = self.journal.last_batch, self.journal.last_batch_records
         if self.rolling is not None and 0 < len(records) < self.settings.batch_size:
             return last
-        if self.rolling is None and records and all(r["error"] for r in records):
+        if self.rolling is None and records and all(r.error for r in records):
             return last  # errors recorded while this batch was still being collected
         return last + 1
 
+    def _commit(self, records: list[ResultRecord], context: CommitContext) -> None:
+        for sink in self.sinks:
+            sink.commit(records, context)
+
     def _commit_answers(self, answers: list[Answer], score_ms: float) -> None:
-        """Write the visuals, then the journal lines (one commit), then the manifest."""
+        """One commit of scored images: records with their visuals, through every sink."""
         if not answers:
             return
         batch = self._current_batch()
+        now = time.monotonic()
         records = []
         for answer in answers:
             item = answer.item
-            overlay, mask = write_visuals(
-                self.settings.out_dir,
-                batch,
-                item.arrival.file,
-                item.preview,
-                answer.heat,
-                answer.patch_map,
-                item.shape,
-                answer.mask_threshold,
+            overlay, mask = visual_paths(
+                batch, item.arrival.file, answer.mask_threshold is not None
             )
+            latency = (now - item.arrival.ready_at) * 1000
+            self.stats.image_ms.append(latency)
             records.append(
                 self._record(
                     item.arrival,
@@ -243,20 +248,17 @@ class Line:
                     overlay=overlay,
                     mask=mask,
                     warning=answer.warning,
-                    timings={"features_ms": round(item.features_ms, 2)},
+                    timings=Timings(
+                        round(item.features_ms, 2), round(score_ms, 2), round(latency, 2)
+                    ),
                 )
             )
-        now = time.monotonic()
-        for record, answer in zip(records, answers, strict=True):
-            latency = (now - answer.item.arrival.ready_at) * 1000
-            record["timings"].update(score_ms=round(score_ms, 2), latency_ms=round(latency, 2))
-            self.stats.image_ms.append(latency)
-        self.journal.commit(records)
         batch_ms = (now - max(a.item.arrival.ready_at for a in answers)) * 1000
+        answers_by_file = {answer.item.arrival.file: answer for answer in answers}
+        self._commit(records, CommitContext(batch, answers_by_file, batch_ms))
         self.stats.last_batch_ms = batch_ms
         self.stats.scored += len(records)
         self.stats.batches += 1
-        self._write_manifest(batch, batch_ms)
 
     def _commit_errors(self, failures: list[Arrival]) -> None:
         batch = self._current_batch()
@@ -270,48 +272,11 @@ class Line:
             )
             for arrival in failures
         ]
-        self.journal.commit(records)
+        self._commit(records, CommitContext(batch))
         self.stats.failed += len(records)
-        self._write_manifest(batch, None)
 
-    def _record(self, arrival: Arrival, batch: int, **fields) -> dict:
+    def _record(self, arrival: Arrival, batch: int, **fields) -> ResultRecord:
         file, size, mtime_ns = arrival.key
-        base = {
-            "file": file,
-            "size": size,
-            "mtime_ns": mtime_ns,
-            "sha256": arrival.sha256,
-            "batch": batch,
-            "mode": self.settings.mode,
-            "score": None,
-            "raw_score": None,
-            "label": None,
-            "threshold": None,
-            "overlay": None,
-            "mask": None,
-            "timings": {},
-            "warning": None,
-            "error": None,
-            "rejected": None,
-            "recorded_at": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
-        }
-        return {**base, **fields}
-
-    def _repair_manifest(self) -> None:
-        """A crash between a commit and its manifest leaves the manifest behind the journal."""
-        records = self.journal.last_batch_records
-        path = batch_dir(self.settings.out_dir, self.journal.last_batch) / MANIFEST_FILE
-        if records and (not path.is_file() or len(read_manifest(path)["files"]) < len(records)):
-            self._write_manifest(self.journal.last_batch, None)
-
-    def _write_manifest(self, batch: int, batch_ms: float | None) -> None:
-        records = self.journal.last_batch_records
-        summary = {
-            "batch": batch,
-            **self.run_info,
-            "scored": sum(1 for r in records if r["error"] is None),
-            "failed": sum(1 for r in records if r["error"] is not None),
-            "batch_latency_ms": None if batch_ms is None else round(batch_ms, 2),
-            "files": records,
-        }
-        write_manifest(batch_dir(self.settings.out_dir, batch), summary)
+        return ResultRecord(
+            file, size, mtime_ns, arrival.sha256, batch, self.settings.mode, **fields
+        )

@@ -24,8 +24,8 @@ def choose_providers(available: list[str]) -> list[str]:
 class OnnxRuntimeRunner(Runner):
     name = "onnxruntime"
 
-    def __init__(self, package: ModelPackage) -> None:
-        super().__init__(package)
+    def __init__(self, package: ModelPackage, allow_random_init: bool = False) -> None:
+        super().__init__(package)  # random weights matter only to the torch runner
         path = package.path(ONNX_FILE)
         if not path.is_file():
             raise PackageError(f"{package.folder} has no {ONNX_FILE}; export the package again")

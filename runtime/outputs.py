@@ -1,30 +1,40 @@
-"""What the line writes besides the journal: overlays, masks, batch manifests, rejected files.
+"""Where the line's files go in the out folder, and the pieces the sinks draw them from.
 
-Everything is written atomically (temporary name, then rename) so a crash leaves either the
-old file or the new one, and a batch scored again after a crash simply overwrites its own.
+Overlays and masks are named after the whole camera file name (`part.tif` ->
+`part_tif.png`), so two files that share a stem never overwrite each other's outputs.
 """
 
 from __future__ import annotations
 
-import json
 import shutil
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import cv2
 import numpy as np
 import torch
 
-from musc_edge.files import write_json_atomic
 from musc_edge.musc import MuScResult
-from musc_edge.visualize import overlay, write_png
 
 PREVIEW_SIDE = 1024  # overlays are for eyes: bound their size, and the memory held per image
 REJECTED_DIR = "rejected"
-MANIFEST_FILE = "manifest.json"
 
 
 def batch_dir(out_dir: Path, batch: int) -> Path:
     return out_dir / "batches" / f"{batch:06d}"
+
+
+def output_name(file: str) -> str:
+    """The PNG name of a camera file's overlay and mask: unique per camera file, because
+    image suffixes hold no underscore."""
+    path = PurePosixPath(file)
+    return str(path.with_name(f"{path.stem}_{path.suffix.lstrip('.').lower()}.png"))
+
+
+def visual_paths(batch: int, file: str, with_mask: bool) -> tuple[str, str | None]:
+    """(overlay, mask) paths relative to the out folder for one scored file."""
+    folder = PurePosixPath("batches", f"{batch:06d}")
+    name = output_name(file)
+    return str(folder / "overlays" / name), str(folder / "masks" / name) if with_mask else None
 
 
 def preview(image_bgr: np.ndarray) -> np.ndarray:
@@ -40,38 +50,6 @@ def pixel_map(patch_map: torch.Tensor, shape: tuple[int, int]) -> np.ndarray:
     """The core's pixel map (bilinear, align_corners=True) at the image's own size."""
     peak = patch_map.amax()[None]
     return MuScResult(patch_map[None], peak, peak).pixel_maps(shape)[0].cpu().numpy()
-
-
-def write_visuals(
-    out_dir: Path,
-    batch: int,
-    file: str,
-    image_preview: np.ndarray,
-    heat: np.ndarray,
-    patch_map: torch.Tensor,
-    shape: tuple[int, int],
-    mask_threshold: float | None,
-) -> tuple[str, str | None]:
-    """Overlay PNG (heat over the preview) and, with a threshold, the binary mask PNG at the
-    image's own size (pixels whose patch distance is above it); paths relative to OUT.
-    """
-    folder = batch_dir(out_dir, batch)
-    name = Path(file).with_suffix(".png")
-    overlay_path = folder / "overlays" / name
-    write_png(overlay_path, overlay(image_preview, heat))
-    if mask_threshold is None:
-        return overlay_path.relative_to(out_dir).as_posix(), None
-    mask_path = folder / "masks" / name
-    write_png(mask_path, (pixel_map(patch_map, shape) > mask_threshold).astype(np.uint8) * 255)
-    return overlay_path.relative_to(out_dir).as_posix(), mask_path.relative_to(out_dir).as_posix()
-
-
-def write_manifest(folder: Path, summary: dict) -> None:
-    write_json_atomic(folder / MANIFEST_FILE, summary)
-
-
-def read_manifest(path: Path) -> dict:
-    return json.loads(path.read_text())
 
 
 def set_aside(out_dir: Path, path: Path, file: str, sha256: str | None) -> str | None:

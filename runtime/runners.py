@@ -8,18 +8,44 @@ runtime free of the libraries a device does not have.
 
 from __future__ import annotations
 
+import importlib
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from musc_edge.errors import UsageError
 from musc_edge.package import ENGINE_FILE, ONNX_FILE, ModelPackage, PackageError
-
-ENGINES = ("tensorrt", "onnxruntime", "torch")
 
 
 class RunnerError(PackageError):
     """A runner that cannot start here (backend missing, engine built elsewhere)."""
+
+
+@dataclass(frozen=True)
+class RunnerEntry:
+    """Where a runner class lives (imported only when chosen, so a device needs only the
+    libraries of the engines it runs), the package file it needs and the extra that
+    installs its library."""
+
+    module: str
+    class_name: str
+    artifact: str | None  # None: built from musc.json alone
+    extra: str
+
+
+# The runner registry, in the order `--engine auto` tries them: the one list of engine names.
+RUNNERS: dict[str, RunnerEntry] = {
+    "tensorrt": RunnerEntry(
+        "musc_edge.runtime.tensorrt_runner", "TensorRTRunner", ENGINE_FILE, "tensorrt"
+    ),
+    "onnxruntime": RunnerEntry(
+        "musc_edge.runtime.onnx_runner", "OnnxRuntimeRunner", ONNX_FILE, "runtime"
+    ),
+    "torch": RunnerEntry("musc_edge.runtime.torch_runner", "TorchRunner", None, "models"),
+}
+ENGINES = tuple(RUNNERS)
 
 
 class Runner(ABC):
@@ -27,7 +53,7 @@ class Runner(ABC):
 
     name: str = ""
 
-    def __init__(self, package: ModelPackage) -> None:
+    def __init__(self, package: ModelPackage, allow_random_init: bool = False) -> None:
         self.package = package
         self.description = self.name
 
@@ -39,17 +65,17 @@ class Runner(ABC):
 def open_runner(
     package: ModelPackage, engine: str = "auto", allow_random_init: bool = False
 ) -> Runner:
-    """The runner for `engine`, or with "auto" the first of TensorRT, ONNX Runtime, torch
-    that this machine and package can run; the error lists why each one was passed over.
+    """The runner for `engine`, or with "auto" the first registered runner that this machine
+    and package can run; the error lists why each one was passed over.
     """
     if engine not in ("auto", *ENGINES):
-        raise ValueError(f"unknown engine {engine!r}; choose auto or one of {', '.join(ENGINES)}")
+        raise UsageError(f"unknown engine {engine!r}; choose auto or one of {', '.join(ENGINES)}")
     if engine != "auto":
         return _open(engine, package, allow_random_init)
     reasons = []
-    for name in ENGINES:
-        if name != "torch" and not package.path(_ARTIFACT[name]).is_file():
-            reasons.append(f"{name}: the package has no {_ARTIFACT[name]}")
+    for name, entry in RUNNERS.items():
+        if entry.artifact is not None and not package.path(entry.artifact).is_file():
+            reasons.append(f"{name}: the package has no {entry.artifact}")
             continue
         try:
             return _open(name, package, allow_random_init)
@@ -58,25 +84,13 @@ def open_runner(
     raise RunnerError(f"no engine can run {package.folder} here: " + "; ".join(reasons))
 
 
-_ARTIFACT = {"tensorrt": ENGINE_FILE, "onnxruntime": ONNX_FILE}
-_EXTRA = {"tensorrt": "tensorrt", "onnxruntime": "runtime", "torch": "models"}
-
-
 def _open(name: str, package: ModelPackage, allow_random_init: bool) -> Runner:
+    entry = RUNNERS[name]
     try:
-        if name == "tensorrt":
-            from musc_edge.runtime.tensorrt_runner import TensorRTRunner
-
-            return TensorRTRunner(package)
-        if name == "onnxruntime":
-            from musc_edge.runtime.onnx_runner import OnnxRuntimeRunner
-
-            return OnnxRuntimeRunner(package)
-        from musc_edge.runtime.torch_runner import TorchRunner
-
-        return TorchRunner(package, allow_random_init)
+        runner_class = getattr(importlib.import_module(entry.module), entry.class_name)
     except ImportError as error:
         missing = error.name or error
         raise RunnerError(
-            f"the {name} engine needs {missing}: install musc-edge with the {_EXTRA[name]} extra"
+            f"the {name} engine needs {missing}: install musc-edge with the {entry.extra} extra"
         ) from None
+    return runner_class(package, allow_random_init)

@@ -1,24 +1,22 @@
 """Features in, answers out: a whole batch scored mutually, or one image against a window.
 
 Batch mode is MuSc as the paper runs it. Rolling mode answers each image on arrival against
-the last `window` images (unlabeled references) with the query-vs-references scorer and RsCIN
-over the window; until the window holds a few images there is nothing to compare with, so the
-first images are held and scored together as one small batch.
+the last `window` images, which MuSc takes as references (they vote, they are not scored
+again); until the window holds a few images there is nothing to compare with, so the first
+images are held and scored together as one small batch. Both go through `MuSc` itself.
 """
 
 from __future__ import annotations
 
-import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from musc_edge.musc import RELIABLE_BATCH, MuSc
-from musc_edge.rscin import rscin
+from musc_edge.musc import RELIABLE_BATCH, MuSc, MuScResult, References
 from musc_edge.runtime.camera import Arrival
-from musc_edge.runtime.reference import pooled_sets, reference_patch_scores
 from musc_edge.runtime.threshold import pick_threshold, pixel_threshold
 from musc_edge.visualize import normalise_maps
 
@@ -49,16 +47,26 @@ class Answer:
     warning: str | None = None
 
 
+def stack_items(items: list[Item]) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The items' tokens as (N, L, C) per layer and their (N, D) embeddings."""
+    tokens = [torch.stack(layer) for layer in zip(*(item.tokens for item in items), strict=True)]
+    return tokens, torch.stack([item.embedding for item in items])
+
+
+def scored_quietly(score: Callable[[], MuScResult]) -> tuple[MuScResult, str | None]:
+    """Run `score()`; MuSc's small-batch warning travels with the answers, not to stderr."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = score()
+    return result, "; ".join(str(w.message) for w in caught) or None
+
+
 def score_batch(
     items: list[Item], musc: MuSc, threshold: float | None, map_norm: str
 ) -> list[Answer]:
-    """Score the items mutually with MuSc; small batches carry the core's warning along."""
-    tokens = [torch.stack(layer) for layer in zip(*(item.tokens for item in items), strict=True)]
-    embeddings = torch.stack([item.embedding for item in items])
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        result = musc.score(tokens, embeddings)
-    warning = "; ".join(str(w.message) for w in caught) or None
+    """Score the items mutually with MuSc."""
+    tokens, embeddings = stack_items(items)
+    result, warning = scored_quietly(lambda: musc.score(tokens, embeddings))
     scores = result.scores.tolist()
     chosen = pick_threshold(threshold, scores)
     for_masks = pixel_threshold(chosen, result.raw_scores)
@@ -71,7 +79,7 @@ def score_batch(
     ]
 
 
-class _Window:
+class Window:
     """The last `size` answered images as ring buffers; slot order does not matter to MuSc.
 
     It keeps each image's pooled sets (layers x r of (L, C), in the similarity precision),
@@ -102,9 +110,10 @@ class _Window:
             buffer[self.count % self.size] = value
         self.count += 1
 
-    def view(self) -> list[torch.Tensor]:
-        """The filled slots: pooled sets, then embeddings, raw scores, scores, patch maps."""
-        return [buffer[: len(self)] for buffer in self.buffers]
+    def references(self) -> tuple[References, torch.Tensor, torch.Tensor]:
+        """The filled slots as MuSc references, plus their scores and patch maps."""
+        *sets, embeddings, raw, scores, maps = (buffer[: len(self)] for buffer in self.buffers)
+        return References(list(sets), embeddings, raw), scores, maps
 
 
 class RollingScorer:
@@ -112,7 +121,7 @@ class RollingScorer:
 
     def __init__(self, musc: MuSc, window: int, threshold: float | None, map_norm: str) -> None:
         self.musc = musc
-        self.window = _Window(window, musc.precision.dtype)
+        self.window = Window(window, musc.precision.dtype)
         self.warmup = min(RELIABLE_BATCH, window)
         self.threshold = threshold
         self.map_norm = map_norm
@@ -123,41 +132,38 @@ class RollingScorer:
         if len(self.window) == 0:
             self.waiting.append(item)
             return self.flush() if len(self.waiting) >= self.warmup else []
-        sets = pooled_sets(item.tokens, self.musc.r_list)
-        answer = self._answer(item, sets)
-        self.window.push(sets, answer)
+        tokens, embeddings = stack_items([item])
+        sets = self.musc.pool(tokens)
+        answer = self._answer(item, sets, embeddings)
+        self.window.push([z[0] for z in sets], answer)
         return [answer]
 
     def flush(self) -> list[Answer]:
         """Score images still held for warm-up (at the end of a run)."""
         if not self.waiting:
             return []
-        answers = score_batch(self.waiting, self.musc, self.threshold, self.map_norm)
-        self.waiting = []
-        for answer in answers:
-            self.window.push(pooled_sets(answer.item.tokens, self.musc.r_list), answer)
+        items, self.waiting = self.waiting, []
+        answers = score_batch(items, self.musc, self.threshold, self.map_norm)
+        sets = self.musc.pool(stack_items(items)[0])
+        for index, answer in enumerate(answers):
+            self.window.push([z[index] for z in sets], answer)
         return answers
 
-    def _answer(self, item: Item, sets: list[torch.Tensor]) -> Answer:
-        *references, embeddings, raw, scores, maps = self.window.view()
-        musc = self.musc
-        patch = reference_patch_scores(
-            sets, references, musc.frac, musc.precision.dtype, musc.budget_bytes
+    def _answer(self, item: Item, sets: list[torch.Tensor], embeddings: torch.Tensor) -> Answer:
+        references, scores, maps = self.window.references()
+        result, warning = scored_quietly(
+            lambda: self.musc.score_pooled(sets, embeddings, references)
         )
-        side = math.isqrt(patch.shape[0])
-        patch_map = patch.view(side, side)
-        all_raw = torch.cat([raw, patch.amax()[None]])
-        score = float(
-            rscin(all_raw, torch.cat([embeddings, item.embedding[None]]), musc.k_list)[-1]
-        )
+        score = float(result.scores[0])
         threshold = pick_threshold(self.threshold, [*scores.tolist(), score])
-        heat = normalise_maps(torch.cat([maps, patch_map[None]]).cpu().numpy(), self.map_norm)
+        heat = normalise_maps(torch.cat([maps, result.patch_maps]).cpu().numpy(), self.map_norm)
         return Answer(
             item,
             score,
-            float(all_raw[-1]),
-            patch_map,
+            float(result.raw_scores[0]),
+            result.patch_maps[0],
             heat[-1],
             threshold,
-            pixel_threshold(threshold, all_raw),
+            pixel_threshold(threshold, torch.cat([references.raw_scores, result.raw_scores])),
+            warning,
         )

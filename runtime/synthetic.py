@@ -31,16 +31,19 @@ def part_image(size: int, rng: np.random.Generator, defect: bool) -> np.ndarray:
         r = rng.uniform(0.18, 0.32) * size
         point = (int(centre[1] + r * np.cos(theta)), int(centre[0] + r * np.sin(theta)))
         if rng.random() < 0.5:
-            end = (point[0] + int(rng.uniform(-0.12, 0.12) * size),
-                   point[1] + int(rng.uniform(-0.12, 0.12) * size))
+            end = (
+                point[0] + int(rng.uniform(-0.12, 0.12) * size),
+                point[1] + int(rng.uniform(-0.12, 0.12) * size),
+            )
             cv2.line(image, point, end, (25, 25, 25), max(2, size // 90))
         else:
             cv2.circle(image, point, max(3, size // 30), (235, 235, 245), -1)
     return image
 
 
-def write_parts(folder: Path, count: int, size: int = 256, defect_every: int = 6,
-                seed: int = 0) -> list[tuple[Path, int]]:
+def write_parts(
+    folder: Path, count: int, size: int = 256, defect_every: int = 6, seed: int = 0
+) -> list[tuple[Path, int]]:
     """Write `count` PNGs into folder; every `defect_every`-th part is defective.
 
     Returns (path, label) pairs, label 1 for a defective part.

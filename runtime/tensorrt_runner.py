@@ -36,8 +36,8 @@ _DTYPES = {
 class TensorRTRunner(Runner):
     name = "tensorrt"
 
-    def __init__(self, package: ModelPackage) -> None:
-        super().__init__(package)
+    def __init__(self, package: ModelPackage, allow_random_init: bool = False) -> None:
+        super().__init__(package)  # random weights matter only to the torch runner
         if not torch.cuda.is_available():
             raise RunnerError("TensorRT needs a CUDA device and torch sees none")
         path = package.path(ENGINE_FILE)
@@ -74,7 +74,9 @@ class TensorRTRunner(Runner):
             self.context.set_tensor_address(name, results[-1].data_ptr())
         stream = torch.cuda.current_stream()
         if not self.context.execute_async_v3(stream.cuda_stream):
-            raise RuntimeError("TensorRT execution failed")
+            raise RunnerError(
+                "TensorRT execution failed; rebuild the engine or use --engine onnxruntime"
+            )
         stream.synchronize()
         *tokens, embedding = results
         return tokens, embedding

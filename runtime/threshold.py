@@ -11,9 +11,10 @@ from statistics import median
 
 import torch
 
+from musc_edge.musc import RELIABLE_BATCH
+
 MAD_TO_SIGMA = 1.4826  # MAD of a normal distribution times this is its standard deviation
 OUTLIER_Z = 3.5  # Iglewicz & Hoaglin's cut-off for the modified z-score
-MIN_SCORES = 5  # fewer scores than this give no usable median and MAD
 AUTO_RULE = f"median + {OUTLIER_Z} * {MAD_TO_SIGMA} * MAD of the batch's scores"
 
 
@@ -34,7 +35,7 @@ def auto_threshold(scores: Sequence[float]) -> float | None:
     Modified z-score rule: threshold = median + 3.5 * 1.4826 * MAD. It assumes most parts in
     the batch are good; on a batch that is mostly defective it flags too little.
     """
-    if len(scores) < MIN_SCORES:
+    if len(scores) < RELIABLE_BATCH:
         return None
     middle = median(scores)
     mad = median(abs(score - middle) for score in scores)

@@ -45,7 +45,7 @@ class TorchRunner(Runner):
     name = "torch"
 
     def __init__(self, package: ModelPackage, allow_random_init: bool = False) -> None:
-        super().__init__(package)
+        super().__init__(package, allow_random_init)
         from musc_edge.models import MissingWeightsError, create_backbone
 
         try:

@@ -56,7 +56,8 @@ def vits14_package(tmp_path_factory, dinov2_vits14):
     from musc_edge.cli import app
 
     folder = tmp_path_factory.mktemp("packages") / "dinov2-vits14-224"
-    result = CliRunner().invoke(app, ["export", "--backbone", "dinov2-vits14", "--image-size",
-                                      "224", "--out", str(folder)])
+    result = CliRunner().invoke(
+        app, ["export", "--backbone", "dinov2-vits14", "--image-size", "224", "--out", str(folder)]
+    )
     assert result.exit_code == 0, result.output
     return folder

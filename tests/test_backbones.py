@@ -6,8 +6,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from musc_edge.files import file_sha256
 from musc_edge.models import MissingWeightsError, create_backbone
-from musc_edge.package import file_sha256
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,7 @@ import torch
 from typer.testing import CliRunner
 
 from musc_edge.cli import app
-from musc_edge.runtime import bench_pipelines
+from musc_edge.msm import BACKENDS
 from musc_edge.runtime.benchmark import STAGES
 
 runner = CliRunner()
@@ -20,9 +20,24 @@ STAGE_KEYS = {"median_s", "p95_s", "max_s", "median_per_image_ms"}
 def bench(tmp_path, package, *extra: str):
     out = tmp_path / "bench.json"
     table = tmp_path / "bench.csv"
-    result = runner.invoke(app, ["bench", "--model", str(package), "--synthetic", "--runs", "2",
-                                 "--warmup", "0", "--json", str(out), "--csv", str(table),
-                                 *extra])
+    result = runner.invoke(
+        app,
+        [
+            "bench",
+            "--model",
+            str(package),
+            "--synthetic",
+            "--runs",
+            "2",
+            "--warmup",
+            "0",
+            "--json",
+            str(out),
+            "--csv",
+            str(table),
+            *extra,
+        ],
+    )
     assert result.exit_code == 0, result.output
     return json.loads(out.read_text()), list(csv.DictReader(table.open())), result.output
 
@@ -45,32 +60,33 @@ def test_sweep_report_schema_and_csv(tmp_path, vits14_package) -> None:
     assert [entry["ours"]["batch_size"] for entry in report["results"]] == [4, 8]
     for entry, size in zip(report["results"], (4, 8), strict=True):
         check_measurement(entry["ours"], size)
-        assert "reference" not in entry
+        assert "original" not in entry
     assert {"device", "torch", "threads", "musc_edge"} <= set(report["environment"])
-    assert report["precision"] == "fp32"
+    assert report["msm_precision"] == "fp32"
     assert "onnxruntime" in report["engine"]
     assert len(rows) == 2 * (len(STAGES) + 1)
     assert "N = 8" in output
 
 
 @pytest.mark.slow
-def test_compare_reference_claims_speed_only_when_outputs_agree(
+def test_compare_original_claims_speed_only_when_outputs_agree(
     tmp_path, vits14_package, monkeypatch
 ) -> None:
-    report, _, output = bench(tmp_path, vits14_package, "--batch-size", "6",
-                              "--compare-reference")
+    report, _, output = bench(tmp_path, vits14_package, "--batch-size", "6", "--compare-original")
     entry = report["results"][0]
-    check_measurement(entry["reference"], 6)
+    check_measurement(entry["original"], 6)
     assert entry["agreement"]["agree"], entry["agreement"]
     assert entry["agreement"]["max_map_diff"] < 1e-4
     assert set(entry["speedup"]) == {"backbone", "msm", "total"}
-    assert "speed-up over the reference" in output
+    assert "speed-up over the original" in output
 
-    original = bench_pipelines.original_msm
-    monkeypatch.setattr(bench_pipelines, "original_msm",
-                        lambda z, frac: original(z, frac) + 0.05 * torch.rand(z.shape[:2]))
-    report, _, output = bench(tmp_path, vits14_package, "--batch-size", "6",
-                              "--compare-reference")
+    original = BACKENDS["original"]
+    monkeypatch.setitem(
+        BACKENDS,
+        "original",
+        lambda z, *args: original(z, *args) + 0.05 * torch.rand(z.shape[:2]),
+    )
+    report, _, output = bench(tmp_path, vits14_package, "--batch-size", "6", "--compare-original")
     entry = report["results"][0]
     assert not entry["agreement"]["agree"]
     assert "speedup" not in entry

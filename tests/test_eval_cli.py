@@ -85,7 +85,7 @@ def test_eval_keeps_going_past_a_corrupt_image(tmp_path) -> None:
     [
         (["--root", "/nonexistent/place"], "does not exist"),
         (["--root", ".", "--dataset", "kitti"], "unknown dataset"),
-        (["--root", ".", "--precision", "fp8"], "fp8"),
+        (["--root", ".", "--msm-precision", "fp8"], "fp8"),
     ],
 )
 def test_eval_bad_input_gives_one_line_error(args, message) -> None:

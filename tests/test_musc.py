@@ -1,4 +1,4 @@
-"""The MuSc engine against a float64 transcription of DESIGN.md section 3 and brute force."""
+"""The MuSc engine against the float64 oracle and brute force."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import torch.nn.functional as F
 
 from musc_edge import MuSc, MuScInputError
 from musc_edge.lnamd import lnamd
-from musc_edge.msm import msm_scores
+from musc_edge.msm import mutual_scores
 from musc_edge.rscin import min_max, rscin
-from tests.reference_musc import musc_f64
+from tests.oracle import musc_f64
 
 
 def random_batch(n: int, layers: int, side: int, dim: int, seed: int = 0):
@@ -82,7 +82,7 @@ def test_msm_equals_brute_force_distance_loop(budget_bytes: int) -> None:
     generator = torch.Generator().manual_seed(3)
     z = F.normalize(torch.randn(9, 9, 12, generator=generator), dim=-1)
     expected = brute_force_msm(z, 0.3)
-    torch.testing.assert_close(msm_scores(z, 0.3, budget_bytes), expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(mutual_scores(z, 0.3, budget_bytes), expected, atol=1e-5, rtol=0)
 
 
 def test_rscin_with_k1_is_identity_on_min_max_scores() -> None:

@@ -46,7 +46,15 @@ def package(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     ensure_fetched("dinov2-vits14")
     folder = tmp_path_factory.mktemp("models") / "dinov2-vits14-224"
-    args = ["export", "--backbone", "dinov2-vits14", "--image-size", "224", "--precision", "fp32"]
+    args = [
+        "export",
+        "--backbone",
+        "dinov2-vits14",
+        "--image-size",
+        "224",
+        "--engine-precision",
+        "fp32",
+    ]
     result = CliRunner().invoke(app, [*args, "--out", str(folder)])
     assert result.exit_code == 0, result.output
     return folder

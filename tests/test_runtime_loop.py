@@ -18,12 +18,14 @@ import torch.nn.functional as F
 from typer.testing import CliRunner
 
 from musc_edge.cli import app
+from musc_edge.images import is_image_name
 from musc_edge.musc import MuSc
 from musc_edge.package import ONNX_FILE
-from musc_edge.runtime.camera import CameraDir, is_candidate
-from musc_edge.runtime.journal import RESULTS_FILE, TABLE_FILE, Journal, JournalError
+from musc_edge.runtime.camera import CameraDir
+from musc_edge.runtime.journal import RESULTS_FILE, Journal, JournalError
 from musc_edge.runtime.line import Line, LineSettings
 from musc_edge.runtime.runners import Runner
+from musc_edge.runtime.sinks.table import TABLE_FILE
 from musc_edge.runtime.synthetic import part_image
 from tests.test_runners import write_package
 
@@ -206,7 +208,7 @@ def test_camera_waits_for_files_to_settle_and_decode(tmp_path: Path) -> None:
     ],
 )
 def test_candidate_names(name: str, taken: bool) -> None:
-    assert is_candidate(name) is taken
+    assert is_image_name(name) is taken
 
 
 def test_journal_refuses_a_damaged_middle_line(tmp_path: Path) -> None:

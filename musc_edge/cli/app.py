@@ -4,10 +4,21 @@ from __future__ import annotations
 
 import typer
 
-from musc_edge.cli import bench_cmd, bench_msm, demo_cmd, eval_cmd, export_cmd, run_cmd, weights_cmd
+from musc_edge.cli import (
+    bench_cmd,
+    bench_msm_cmd,
+    demo_cmd,
+    eval_cmd,
+    export_cmd,
+    run_cmd,
+    weights_cmd,
+)
 
+# rich_markup_mode=None: usage errors print as click's one plain line, whatever the terminal
+# width, instead of a panel wrapped at it (each sub-app sets the same)
 app = typer.Typer(
     help="MuSc zero-shot anomaly detection for production lines.",
+    rich_markup_mode=None,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
@@ -17,5 +28,5 @@ app.command("run")(run_cmd.run)
 app.command("export")(export_cmd.export)
 app.add_typer(export_cmd.engine_app, name="engine")
 app.command("demo")(demo_cmd.demo)
-bench_cmd.app.command("msm")(bench_msm.bench_msm)
+bench_cmd.app.command("msm")(bench_msm_cmd.bench_msm)
 app.add_typer(bench_cmd.app, name="bench")

@@ -13,11 +13,12 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
+from musc_edge.cli import options
 from musc_edge.cli.errors import user_errors
 from musc_edge.cli.options import parse_int_list
 from musc_edge.precision import Precision
 
-app = typer.Typer(help="Latency benchmarks.", no_args_is_help=False)
+app = typer.Typer(rich_markup_mode=None, help="Latency benchmarks.", no_args_is_help=False)
 console = Console()
 
 
@@ -25,16 +26,18 @@ console = Console()
 def bench(
     ctx: typer.Context,
     model: Path | None = typer.Option(None, "--model", "-m", help="Model package folder."),
-    engine: str = typer.Option("auto", "--engine", help="auto, tensorrt, onnxruntime, torch."),
-    precision: Precision = typer.Option(Precision.fp32, "--precision", help="MSM precision."),
+    engine: options.Engine = options.EngineOpt,
+    msm_precision: Precision = typer.Option(
+        Precision.fp32, "--msm-precision", help="Precision of MSM's similarity products."
+    ),
     batch_size: int = typer.Option(32, "--batch-size", "-n", help="Images per MuSc batch."),
     images: Path | None = typer.Option(None, "--images", help="Folder of images to time on."),
     synthetic: bool = typer.Option(False, "--synthetic", help="Generated images instead."),
     runs: int = typer.Option(5, "--runs", min=1, help="Timed runs per setting."),
     warmup: int = typer.Option(1, "--warmup", min=0, help="Untimed runs first."),
     sweep: str | None = typer.Option(None, "--sweep", help="Batch sizes, e.g. 8,16,32,64."),
-    compare_reference: bool = typer.Option(
-        False, "--compare-reference", help="Also run the original approach on the same images."
+    compare_original: bool = typer.Option(
+        False, "--compare-original", help="Also run the original approach on the same images."
     ),
     json_out: Path | None = typer.Option(None, "--json", help="Write all figures as JSON."),
     csv_out: Path | None = typer.Option(None, "--csv", help="Write one row per stage as CSV."),
@@ -43,8 +46,8 @@ def bench(
     """Time decode, backbone, LNAMD, MSM, RsCIN and writing for a model package."""
     if ctx.invoked_subcommand is not None:
         return
-    from musc_edge.package import PackageError, load_package
-    from musc_edge.runtime.bench_pipelines import line_pipeline, reference_pipeline
+    from musc_edge.package import load_package
+    from musc_edge.runtime.bench_pipelines import line_pipeline, original_pipeline
     from musc_edge.runtime.benchmark import agreement, batch_paths, measure, speedups
 
     if model is None:
@@ -52,18 +55,25 @@ def bench(
     if (images is None) == (not synthetic):
         raise typer.BadParameter("give exactly one of --images DIR and --synthetic")
     sizes = list(parse_int_list(sweep, "--sweep")) if sweep else [batch_size]
-    with user_errors(PackageError), tempfile.TemporaryDirectory() as work:
+    with user_errors(), tempfile.TemporaryDirectory() as work:
         package = load_package(model)
         folder = images or write_synthetic(Path(work), max(sizes), package.image_size)
-        ours = line_pipeline(package, engine, precision.value)
-        reference = reference_pipeline(package) if compare_reference else None
-        console.print(f"[bold]{package.backbone}[/] {package.image_size}px, engine "
-                      f"{ours.name}, MSM {precision.value}, {platform.node()}")
-        report = {"model": str(model), "engine": ours.name, "precision": precision.value,
-                  "environment": environment(), "results": []}
+        ours = line_pipeline(package, engine.value, msm_precision.value)
+        original = original_pipeline(package) if compare_original else None
+        console.print(
+            f"[bold]{package.backbone}[/] {package.image_size}px, engine "
+            f"{ours.name}, MSM {msm_precision.value}, {platform.node()}"
+        )
+        report = {
+            "model": str(model),
+            "engine": ours.name,
+            "msm_precision": msm_precision.value,
+            "environment": environment(),
+            "results": [],
+        }
         per_setting = runs + warmup
         with Progress(console=console, transient=True) as bar:
-            task = bar.add_task("benchmark", total=len(sizes) * per_setting * (1 + bool(reference)))
+            task = bar.add_task("benchmark", total=len(sizes) * per_setting * (1 + bool(original)))
             for size in sizes:
                 paths, repeated = batch_paths(folder, size)
                 if repeated:
@@ -71,13 +81,14 @@ def bench(
                 entry: dict = {}
                 mine, mine_out = measure(ours, paths, runs, warmup, lambda: bar.advance(task))
                 entry["ours"] = mine.summary()
-                if reference is not None:
-                    ref, ref_out = measure(reference, paths, runs, warmup,
-                                           lambda: bar.advance(task))
-                    entry["reference"] = ref.summary()
-                    entry["agreement"] = agreement(mine_out, ref_out, precision.value)
+                if original is not None:
+                    orig, orig_out = measure(
+                        original, paths, runs, warmup, lambda: bar.advance(task)
+                    )
+                    entry["original"] = orig.summary()
+                    entry["agreement"] = agreement(mine_out, orig_out, msm_precision.value)
                     if entry["agreement"]["agree"]:
-                        entry["speedup"] = speedups(entry["ours"], entry["reference"])
+                        entry["speedup"] = speedups(entry["ours"], entry["original"])
                 report["results"].append(entry)
     print_report(report)
     if json_out:
@@ -104,36 +115,48 @@ def environment() -> dict:
     from musc_edge import __version__
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor()
-    return {"device": device or platform.machine(), "host": platform.node(),
-            "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "musc_edge": __version__}
+    return {
+        "device": device or platform.machine(),
+        "host": platform.node(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "musc_edge": __version__,
+    }
 
 
 def print_report(report: dict) -> None:
-    """Per-stage medians for each batch size, with the reference and ratios beside them."""
+    """Per-stage medians for each batch size, with the original and ratios beside them."""
     for entry in report["results"]:
         ours = entry["ours"]
-        table = Table(title=f"N = {ours['batch_size']}  ({ours['images_per_s']:.1f} images/s, "
-                      f"peak host {ours['peak_host_mib']:.0f} MiB)")
+        table = Table(
+            title=f"N = {ours['batch_size']}  ({ours['images_per_s']:.1f} images/s, "
+            f"peak host {ours['peak_host_mib']:.0f} MiB)"
+        )
         table.add_column("stage")
         for column in ("median s", "p95 s", "max s", "ms/image"):
             table.add_column(column, justify="right")
-        if "reference" in entry:
-            table.add_column("reference s", justify="right")
+        if "original" in entry:
+            table.add_column("original s", justify="right")
         for stage, figures in ours["stages"].items():
-            cells = [f"{figures['median_s']:.3f}", f"{figures['p95_s']:.3f}",
-                     f"{figures['max_s']:.3f}", f"{figures['median_per_image_ms']:.1f}"]
-            if "reference" in entry:
-                cells.append(f"{entry['reference']['stages'][stage]['median_s']:.3f}")
+            cells = [
+                f"{figures['median_s']:.3f}",
+                f"{figures['p95_s']:.3f}",
+                f"{figures['max_s']:.3f}",
+                f"{figures['median_per_image_ms']:.1f}",
+            ]
+            if "original" in entry:
+                cells.append(f"{entry['original']['stages'][stage]['median_s']:.3f}")
             table.add_row(stage, *cells)
         console.print(table)
         if "agreement" in entry:
             agree = entry["agreement"]
-            console.print(f"max map diff {agree['max_map_diff']:.2e}, max score diff "
-                          f"{agree['max_score_diff']:.2e} (tolerance {agree['tolerance']:.0e})")
+            console.print(
+                f"max map diff {agree['max_map_diff']:.2e}, max score diff "
+                f"{agree['max_score_diff']:.2e} (tolerance {agree['tolerance']:.0e})"
+            )
             if "speedup" in entry:
                 ratios = ", ".join(f"{k} {v:.1f}x" for k, v in entry["speedup"].items())
-                console.print(f"speed-up over the reference: {ratios}")
+                console.print(f"speed-up over the original: {ratios}")
             else:
                 console.print("[red]outputs differ beyond tolerance: no speed-up is claimed[/]")
 
@@ -142,15 +165,25 @@ def write_csv(path: Path, report: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["pipeline", "batch_size", "stage", "median_s", "p95_s", "max_s",
-                         "median_per_image_ms"])
+        writer.writerow(
+            ["pipeline", "batch_size", "stage", "median_s", "p95_s", "max_s", "median_per_image_ms"]
+        )
         for entry in report["results"]:
-            for key in ("ours", "reference"):
+            for key in ("ours", "original"):
                 if key in entry:
                     run = entry[key]
                     for stage, f in run["stages"].items():
-                        writer.writerow([run["pipeline"], run["batch_size"], stage, f["median_s"],
-                                         f["p95_s"], f["max_s"], f["median_per_image_ms"]])
+                        writer.writerow(
+                            [
+                                run["pipeline"],
+                                run["batch_size"],
+                                stage,
+                                f["median_s"],
+                                f["p95_s"],
+                                f["max_s"],
+                                f["median_per_image_ms"],
+                            ]
+                        )
 
 
 def plot_sweep(path: Path, report: dict) -> None:
@@ -161,14 +194,18 @@ def plot_sweep(path: Path, report: dict) -> None:
     import matplotlib.pyplot as plt
 
     figure, axis = plt.subplots(figsize=(6, 4))
-    for key in ("ours", "reference"):
+    for key in ("ours", "original"):
         rows = [entry[key] for entry in report["results"] if key in entry]
         if not rows:
             continue
         sizes = [row["batch_size"] for row in rows]
         for stage, style in (("total", "-o"), ("msm", "--s")):
-            axis.plot(sizes, [row["stages"][stage]["median_per_image_ms"] for row in rows],
-                      style, label=f"{rows[0]['pipeline']} {stage}")
+            axis.plot(
+                sizes,
+                [row["stages"][stage]["median_per_image_ms"] for row in rows],
+                style,
+                label=f"{rows[0]['pipeline']} {stage}",
+            )
     axis.set_xlabel("batch size N")
     axis.set_ylabel("median latency per image (ms)")
     axis.legend()

@@ -28,24 +28,22 @@ def evaluate(
     backbone: str | None = options.Backbone,
     image_size: int | None = options.ImageSize,
     layers: str | None = options.Layers,
-    precision: Precision | None = options.PrecisionOpt,
+    msm_precision: Precision | None = options.MsmPrecision,
     weights: Path | None = options.Weights,
     pretrained: str | None = options.Pretrained,
     random_init: bool = options.RandomInit,
     device: str = options.Device,
 ) -> None:
     """Score each category's test images as one unlabeled batch and report the metrics."""
-    from musc_edge.datasets import DatasetError, list_categories, load_samples
+    from musc_edge.datasets import list_categories, load_samples
     from musc_edge.evaluate import evaluate_category, mean_metrics
     from musc_edge.features import torch_extractor
     from musc_edge.files import write_json_atomic
-    from musc_edge.images import ImageReadError
-    from musc_edge.models import MissingWeightsError
     from musc_edge.musc import MuSc
 
     started = time.perf_counter()
-    with user_errors(DatasetError, MissingWeightsError, ImageReadError):
-        config = options.build_config(preset, backbone, image_size, layers, precision)
+    with user_errors():
+        config = options.build_config(preset, backbone, image_size, layers, msm_precision)
         categories = list_categories(dataset, root) if category == "all" else [category]
         samples = {name: load_samples(dataset, root, name) for name in categories}
         model = options.build_backbone(config, weights, pretrained, random_init)

@@ -16,7 +16,9 @@ from musc_edge.cli.errors import user_errors
 from musc_edge.runtime.engine_builder import EnginePrecision
 
 console = Console()
-engine_app = typer.Typer(help="TensorRT engines of model packages.", no_args_is_help=True)
+engine_app = typer.Typer(
+    rich_markup_mode=None, help="TensorRT engines of model packages.", no_args_is_help=True
+)
 
 PRECISION_HELP = "TensorRT engine precision (fp16 keeps LayerNorm in fp32)."
 MAX_BATCH_HELP = "Largest batch the TensorRT engine takes."
@@ -61,12 +63,12 @@ def export(
     weights: Path | None = options.Weights,
     pretrained: str | None = options.Pretrained,
     random_init: bool = options.RandomInit,
-    precision: EnginePrecision = typer.Option(
-        EnginePrecision.fp16, "--precision", help=PRECISION_HELP
+    engine_precision: EnginePrecision = typer.Option(
+        EnginePrecision.fp16, "--engine-precision", help=PRECISION_HELP
     ),
     max_batch: int = typer.Option(8, "--max-batch", min=1, help=MAX_BATCH_HELP),
     out: Path | None = typer.Option(
-        None, "--out", "-o", help="Package folder (default models/BACKBONE-SIZE)."
+        None, "--out", "-o", help="Package folder (default packages/BACKBONE-SIZE)."
     ),
     parity_images: Path | None = typer.Option(
         None,
@@ -81,14 +83,10 @@ def export(
     musc.json manifest and parity.json, all in a staging folder renamed into place at the end.
     """
     from musc_edge.export.exporter import default_folder, export_package
-    from musc_edge.export.onnx_export import ExportError
     from musc_edge.export.staging import check_replaceable
-    from musc_edge.models import MissingWeightsError
-    from musc_edge.package import PackageError
-    from musc_edge.runtime.engine_builder import EngineBuildError
 
     started = time.perf_counter()
-    with user_errors(MissingWeightsError, PackageError, ExportError, EngineBuildError):
+    with user_errors():
         config = options.build_config(preset, backbone, image_size, layers, None)
         folder = out or default_folder(config.backbone, config.image_size)
         check_replaceable(folder, force)  # before minutes of work, not after
@@ -99,13 +97,8 @@ def export(
             result = export_package(
                 model,
                 folder,
-                musc_settings={
-                    "r_list": list(config.r_list),
-                    "frac": config.frac,
-                    "k_list": list(config.k_list),
-                    "precision": config.precision,
-                },
-                precision=precision.value,
+                musc_settings=config.musc_settings(),
+                precision=engine_precision.value,
                 max_batch=max_batch,
                 parity_dir=parity_images,
                 force=force,
@@ -131,8 +124,8 @@ def export(
 @engine_app.command("build")
 def build(
     model: Path = typer.Option(..., "--model", help="Model package folder (musc-edge export)."),
-    precision: EnginePrecision | None = typer.Option(
-        None, "--precision", help=PRECISION_HELP + " (default: the package's)"
+    engine_precision: EnginePrecision | None = typer.Option(
+        None, "--engine-precision", help=PRECISION_HELP + " (default: the package's)"
     ),
     max_batch: int | None = typer.Option(
         None, "--max-batch", min=1, help=MAX_BATCH_HELP + " (default: the package's)"
@@ -143,14 +136,14 @@ def build(
 
     Precision and max batch default to the package's; musc.json is updated atomically.
     """
-    from musc_edge.package import ENGINE_FILE, PackageError, load_package
+    from musc_edge.package import ENGINE_FILE, load_package
     from musc_edge.runtime.engine_builder import (
         EngineBuildError,
         build_package_engine,
         engine_support,
     )
 
-    with user_errors(PackageError, EngineBuildError):
+    with user_errors():
         reason = engine_support()
         if reason:
             raise EngineBuildError(f"cannot build an engine here: {reason}")
@@ -164,7 +157,7 @@ def build(
             stages = Stages(progress)
             parity = build_package_engine(
                 package,
-                precision.value if precision else package.precision,
+                engine_precision.value if engine_precision else package.precision,
                 max_batch or package.max_batch,
                 stages,
             )

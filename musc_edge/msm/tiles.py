@@ -1,5 +1,5 @@
-"""Band tables from matmul tiles with a max/min epilogue: the CPU kernel, and the CUDA path
-where Triton is missing.
+"""The tiles backend: band tables from matmul tiles with a max/min epilogue. The CPU kernel,
+and the CUDA path where Triton is missing.
 
 One query image against a tile of key images is one matmul writing a (tile, L, L) block into a
 reused buffer, read back by two reductions (rows for the query, columns for the keys); the tile
@@ -24,8 +24,18 @@ from functools import partial
 
 import torch
 
-from musc_edge.msm import image_tiles
-from musc_edge.ops.bands import FillBand, half_squared_norms
+from musc_edge.msm.bands import FillBand, image_tiles, outside_tiles
+
+# Bytes of one CPU product block (key_tile x L x L): it stays in the L3 cache (32 MiB here)
+# between the matmul writing it and the two reductions reading it, and large tiles keep the
+# per-call overhead low; 8 and 16 MiB measured within noise of each other (docs/ops.md).
+CPU_BLOCK_BYTES = 16 * 2**20
+
+
+def half_squared_norms(z: torch.Tensor) -> torch.Tensor:
+    """(N, L) fp32 |z|^2 / 2 of vectors in any dtype: what turns their products into distances,
+    <a, b> - |a|^2 / 2 - |b|^2 / 2 = -|a - b|^2 / 2, for vectors no longer unit length."""
+    return torch.linalg.vector_norm(z, dim=2, dtype=torch.float32).square_().div_(2)
 
 
 def block_bytes(num_patches: int, key_tile: int, dtype: torch.dtype) -> int:
@@ -90,7 +100,7 @@ def fill_band_tiles(
     """
     num_images, num_patches, _ = queries.shape
     buffer = queries.new_empty(key_tile * num_patches * num_patches)
-    outside = image_tiles(0, start, key_tile) + image_tiles(stop, num_images, key_tile)
+    outside = outside_tiles(start, stop, num_images, key_tile)
     for i in range(start, stop):
         inside = image_tiles(i + 1, stop, key_tile)
         for (k0, k1), both in [(t, True) for t in inside] + [(t, False) for t in outside]:
@@ -99,6 +109,23 @@ def fill_band_tiles(
             table[i - start, k0:k1] = best(block, 2)
             if both:
                 table[k0 - start : k1 - start, i] = best(block, 1)
+
+
+def prepare(z: torch.Tensor, dtype: torch.dtype, budget_bytes: int) -> tuple[FillBand, int]:
+    """A filler whose (key_tile, L, L) product block fits the L3 cache on a CPU (at most half
+    the budget), half the budget on a GPU; and its peak scratch in bytes.
+
+    fp16 on a CPU computes in exact fp32: x86 CPUs without AVX512-FP16 have no fast fp16
+    matmul.
+    """
+    on_cpu = z.device.type == "cpu"
+    if on_cpu and dtype == torch.float16:
+        dtype = torch.float32
+    block_budget = min(CPU_BLOCK_BYTES, budget_bytes // 2) if on_cpu else budget_bytes // 2
+    num_patches = z.shape[1]
+    item = torch.empty((), dtype=dtype).element_size()
+    key_tile = max(1, block_budget // (item * num_patches * num_patches))
+    return tile_filler(z, dtype, key_tile), block_bytes(num_patches, key_tile, dtype)
 
 
 def tile_filler(z: torch.Tensor, dtype: torch.dtype, key_tile: int) -> FillBand:

@@ -1,4 +1,4 @@
-"""A float64 transcription of DESIGN.md section 3, written for clarity, not speed.
+"""The float64 test oracle: MuSc transcribed from docs/design.md for clarity, not speed.
 
 Independent of the package's code paths: explicit padding and shifted sums for the
 neighbourhood mean, cdist per image pair for MSM, explicit top-k rows for RsCIN.
@@ -28,7 +28,9 @@ def lnamd_f64(tokens: torch.Tensor, r: int) -> torch.Tensor:
     return pooled / pooled.norm(dim=-1, keepdim=True)
 
 
-def msm_f64(z: torch.Tensor, frac: float) -> torch.Tensor:
+def msm_f64(z: torch.Tensor, frac: float = 0.3) -> torch.Tensor:
+    """(N, L) patch scores of every image against all the others."""
+    z = z.double()
     n, num_patches, _ = z.shape
     if n == 1:
         return torch.zeros(1, num_patches, dtype=torch.float64)

@@ -17,8 +17,6 @@ from musc_edge.cli import options
 from musc_edge.precision import Precision
 
 console = Console()
-BUDGET_BYTES = 256 * 2**20  # MuSc's default memory_budget_mb
-FRAC = 0.3
 BUSY_LOAD = 0.5  # 1-minute load average above which the timings are not trustworthy
 
 
@@ -43,8 +41,11 @@ def bench_msm(
     grid: int = typer.Option(16, "--grid", help="Patch grid side h; L = h * h patches."),
     dim: int = typer.Option(384, "--dim", help="Feature width C."),
     sets: int = typer.Option(12, "--sets", help="(layer, r) sets per batch, timed together."),
-    precision: Precision = typer.Option(
-        Precision.fp32, "--precision", help="Precision of our op: fp32 (exact), bf16, fp16."
+    msm_precision: Precision = typer.Option(
+        Precision.fp32, "--msm-precision", help="Precision of our op: fp32 (exact), bf16, fp16."
+    ),
+    backend: str = typer.Option(
+        "op", "--backend", help="MSM backend to time (op, torch, tiles, triton)."
     ),
     runs: int = typer.Option(3, "--runs", help="Timed runs of all sets; the median is shown."),
     device: str = options.Device,
@@ -54,8 +55,13 @@ def bench_msm(
     the largest difference of the patch scores."""
     import torch
 
-    from musc_edge.ops import msm_scores
-    from musc_edge.ops.original import original_msm
+    from musc_edge.msm import BACKENDS
+    from musc_edge.musc import MuSc
+
+    if backend not in BACKENDS:
+        raise typer.BadParameter(f"--backend must be one of {', '.join(BACKENDS)}")
+    ours_musc = MuSc(precision=msm_precision, backend=backend)
+    original_musc = MuSc(backend="original")
 
     where = torch.device(options.resolve_device(device))
     load = os.getloadavg()[0]
@@ -71,10 +77,10 @@ def bench_msm(
     sync = torch.cuda.synchronize if where.type == "cuda" else (lambda: None)
 
     def ours(batch: list[torch.Tensor]) -> list[torch.Tensor]:
-        return [msm_scores(z, FRAC, BUDGET_BYTES, precision.dtype) for z in batch]
+        return [ours_musc.patch_scores([z]) for z in batch]
 
     def original(batch: list[torch.Tensor]) -> list[torch.Tensor]:
-        return [original_msm(z, FRAC) for z in batch]
+        return [original_musc.patch_scores([z]) for z in batch]
 
     ours_s, ours_out = timed_runs(ours, inputs, runs, sync)
     original_s, original_out = timed_runs(original, inputs, runs, sync)
@@ -86,9 +92,10 @@ def bench_msm(
         if where.type == "cuda"
         else f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
     )
+    label = f"ours ({backend}, {msm_precision.value})"
     console.print(
         f"MSM, {sets} sets of N={n}, L={grid * grid}, C={dim} on {machine}, median of {runs}:\n"
-        f"  ours ({precision.value})              {ours_median:8.3f} s  "
+        f"  {label:29s}{ours_median:8.3f} s  "
         f"({flop / ours_median / 1e9:.0f} GFLOP/s counting each pair once)\n"
         f"  original-style cdist (fp32)  {original_median:8.3f} s\n"
         f"  speed-up                     {original_median / ours_median:8.2f} x\n"
@@ -101,7 +108,8 @@ def bench_msm(
             "load_average_at_start": load,
             "torch": torch.__version__,
             "shape": {"n": n, "grid": grid, "dim": dim, "sets": sets},
-            "precision": precision.value,
+            "msm_precision": msm_precision.value,
+            "backend": backend,
             "ours_seconds": ours_s,
             "original_seconds": original_s,
             "ours_median": ours_median,

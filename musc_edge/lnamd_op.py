@@ -9,7 +9,8 @@ the standard deviation and the 1/r^2 are never applied: pooling the mean-centred
 the same unit vectors. Sums of at most r float32 terms keep the reference's accuracy.
 
 The op is bandwidth-bound and a few percent of a MuSc run at most, so the kernel is plain torch
-code registered for CPU and CUDA alike; the work that needs custom kernels is MSM.
+code registered for CPU and CUDA alike; the work that needs custom kernels is MSM
+(`musc_edge.msm`). `musc_edge.lnamd` holds the plain form it is tested against.
 """
 
 from __future__ import annotations
@@ -52,5 +53,5 @@ def _lnamd_fake(tokens: torch.Tensor, r_list: list[int]) -> torch.Tensor:
 
 
 def lnamd(tokens: torch.Tensor, r_list: Sequence[int]) -> list[torch.Tensor]:
-    """Drop-in for `musc_edge.lnamd.lnamd` through the custom op: one (N, L, C) set per r."""
+    """`musc_edge.lnamd.lnamd` through the custom op: one (N, L, C) set per r."""
     return list(torch.ops.musc_edge.lnamd(tokens, list(r_list)).unbind(0))

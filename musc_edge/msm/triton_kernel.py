@@ -1,4 +1,5 @@
-"""Band tables from one fused Triton kernel: similarity tile + row and column max, on chip.
+"""The triton backend: band tables from one fused Triton kernel (similarity tile, row and
+column max, all on chip).
 
 Each program takes one image pair (i, j) and a strip of BLOCK_M patches of image i, walks
 over the patches of j in BLOCK_N tiles with fp32 accumulators, keeps the running row maxima
@@ -8,8 +9,8 @@ Each tile holds 1 - |a - b|^2 / 2 (the products plus the vectors' half squared n
 fp32): for unit vectors that is the similarity, and for vectors rounded to fp16/bf16 it keeps
 a patch's distance to its own copy at 0 instead of the ~0.05 that 2 - 2 <a, b> gives.
 
-Importing this module needs Triton; `triton_module()` in `musc_edge.ops.msm_op` imports it
-only where Triton is installed.
+Importing this module needs Triton; `musc_edge.msm.backends` imports it only when the
+backend is asked for, and the custom op only where Triton is installed.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from musc_edge.ops.bands import half_squared_norms
+from musc_edge.msm.bands import FillBand
+from musc_edge.msm.tiles import half_squared_norms
 
 BLOCK_M = 64
 BLOCK_N = 64
@@ -123,3 +125,13 @@ def fill_band_triton(z: torch.Tensor, table: torch.Tensor, start: int, stop: int
         INPUT_PRECISION="ieee" if z.dtype == torch.float32 else "tf32",
         UPCAST=z.device.type == "cpu" and z.dtype == torch.bfloat16,
     )
+
+
+def prepare(z: torch.Tensor, dtype: torch.dtype, budget_bytes: int) -> tuple[FillBand, int]:
+    """The fused kernel over `z` in `dtype`; its only scratch is the band table itself."""
+    zc = z.to(dtype).contiguous()
+
+    def fill(table: torch.Tensor, start: int, stop: int) -> None:
+        fill_band_triton(zc, table, start, stop)
+
+    return fill, 0

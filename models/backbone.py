@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +22,18 @@ class WeightsInfo:
     sha256: str | None = None
 
 
+@dataclass(frozen=True)
+class BuildRequest:
+    """What a family builder gets: which tower, at what size, which blocks, which weights."""
+
+    spec: BackboneSpec
+    image_size: int
+    layers: tuple[int, ...]
+    info: WeightsInfo
+    pretrained: str | None = None  # a hub tag
+    weights_file: Path | None = None  # a local state dict
+
+
 class Backbone(nn.Module):
     """ViT image tower returning (tokens, embedding).
 
@@ -28,10 +41,9 @@ class Backbone(nn.Module):
     tokens dropped, L = (image_size / patch_size) ** 2; embedding: (N, D), L2-normalised.
     """
 
-    def __init__(
-        self, spec: BackboneSpec, image_size: int, layers: tuple[int, ...], weights: WeightsInfo
-    ) -> None:
+    def __init__(self, request: BuildRequest) -> None:
         super().__init__()
+        spec, image_size, layers = request.spec, request.image_size, request.layers
         if image_size % spec.patch_size:
             raise UsageError(
                 f"image size {image_size} is not a multiple of {spec.name}'s patch size "
@@ -44,7 +56,7 @@ class Backbone(nn.Module):
         self.spec = spec
         self.image_size = image_size
         self.layers = tuple(layers)
-        self.weights = weights
+        self.weights = request.info
 
     @property
     def grid(self) -> int:
@@ -52,7 +64,7 @@ class Backbone(nn.Module):
 
     @property
     def preprocess(self) -> Preprocess:
-        return Preprocess(self.image_size, self.spec.mean, self.spec.std)
+        return Preprocess(self.image_size, self.spec.mean, self.spec.std, self.spec.resize)
 
     def forward(self, images: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         raise NotImplementedError

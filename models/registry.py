@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from musc_edge.models.backbone import Backbone, BuildRequest
 
 from musc_edge.errors import UsageError
 
@@ -26,6 +31,7 @@ class BackboneSpec:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     fetchable: bool = False  # `musc-edge weights fetch NAME` can supply the weights
+    resize: str = "pil-bilinear"  # as the original feeds it: torchvision Resize on PIL images
 
     @property
     def default_layers(self) -> tuple[int, ...]:
@@ -35,7 +41,19 @@ class BackboneSpec:
 
 
 def _clip(name: str, patch: int, native: int, depth: int) -> BackboneSpec:
-    return BackboneSpec(name, "clip", name, patch, native, depth, "openai", CLIP_MEAN, CLIP_STD)
+    # open_clip's own image transform resizes bicubically
+    return BackboneSpec(
+        name,
+        "clip",
+        name,
+        patch,
+        native,
+        depth,
+        "openai",
+        CLIP_MEAN,
+        CLIP_STD,
+        resize="pil-bicubic",
+    )
 
 
 def _dinov2(size: str, timm_size: str, depth: int, fetchable: bool = False) -> BackboneSpec:
@@ -75,3 +93,18 @@ def get_spec(name: str) -> BackboneSpec:
         raise UsageError(
             f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}"
         ) from None
+
+
+# family name -> builder(request) -> tower
+FamilyBuilder = Callable[["BuildRequest"], "Backbone"]
+FAMILIES: dict[str, FamilyBuilder] = {}
+
+
+def register_family(name: str) -> Callable[[FamilyBuilder], FamilyBuilder]:
+    """Decorator: the builder of every backbone whose spec names this family."""
+
+    def add(builder: FamilyBuilder) -> FamilyBuilder:
+        FAMILIES[name] = builder
+        return builder
+
+    return add

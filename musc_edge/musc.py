@@ -34,6 +34,8 @@ Progress = Callable[[int, int], None]
 # benchmark times the stages with
 StageHook = Callable[[str], AbstractContextManager]
 POOLING = {"op": lnamd_op.lnamd, "plain": lnamd.lnamd}
+Tensor = torch.Tensor
+Sets = Sequence[torch.Tensor]  # one (N, L, C) unit-vector set per (layer, r)
 
 
 class MuScInputError(MuscEdgeError, ValueError):
@@ -134,6 +136,15 @@ def no_stage(name: str) -> AbstractContextManager:
     return contextlib.nullcontext()
 
 
+@dataclass(frozen=True)
+class Hooks:
+    """Callbacks of a scoring call: `progress(done, total)` after each (layer, r) set, the
+    slow part; `stage(name)` around "lnamd", "msm" and "rscin", which the benchmark times."""
+
+    progress: Progress | None = None
+    stage: StageHook = no_stage
+
+
 class MuSc:
     """Zero-shot anomaly scoring of unlabeled images by mutual patch scoring.
 
@@ -167,6 +178,14 @@ class MuSc:
         self.backend = check_backend(backend)
         self.pooling = pooling
 
+    @classmethod
+    def from_settings(
+        cls, settings: dict, precision: Precision | str | None = None, **options: str
+    ) -> MuSc:
+        """MuSc from a model package's `musc` settings; `precision` overrides the package's."""
+        chosen = precision or settings.get("precision", Precision.fp32)
+        return cls(settings["r_list"], settings["frac"], settings["k_list"], chosen, **options)
+
     def pool(self, tokens: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """LNAMD of (N, L, C) tokens per layer: one (N, L, C) unit-vector set per (layer, r)."""
         pool = POOLING[self.pooling]
@@ -195,28 +214,24 @@ class MuSc:
         tokens: Sequence[torch.Tensor],
         embeddings: torch.Tensor,
         references: References | None = None,
-        progress: Progress | None = None,
-        stage: StageHook = no_stage,
+        hooks: Hooks = Hooks(),
     ) -> MuScResult:
-        """Score N images against each other (and the references, if any).
-
-        `progress(done, total)` is called after each (layer, r) set, the slow part.
-        """
+        """Score N images against each other (and the references, if any)."""
         check_inputs(tokens, embeddings)
-        with stage("lnamd"):
+        with hooks.stage("lnamd"):
             sets = self.pool(tokens)
-        return self.score_pooled(sets, embeddings, references, progress, stage)
+        return self._score_sets(sets, embeddings, references, hooks)
 
     @torch.no_grad()
-    def score_pooled(
-        self,
-        sets: Sequence[torch.Tensor],
-        embeddings: torch.Tensor,
-        references: References | None = None,
-        progress: Progress | None = None,
-        stage: StageHook = no_stage,
+    def score_pooled(self, sets: Sets, embeddings: Tensor, references: References) -> MuScResult:
+        """Score already pooled query images (rolling mode pools each image once, on arrival,
+        and keeps its sets in the window)."""
+        return self._score_sets(sets, embeddings, references, Hooks())
+
+    def _score_sets(
+        self, sets: Sets, embeddings: Tensor, references: References | None, hooks: Hooks
     ) -> MuScResult:
-        """Score already pooled query images; references vote in MSM and RsCIN, unscored."""
+        """MSM, maps and RsCIN of pooled queries; references vote in MSM and RsCIN, unscored."""
         num_queries = embeddings.shape[0]
         if references is not None and len(references):
             check_references(sets, references)
@@ -225,9 +240,9 @@ class MuSc:
             ]
         num_images = sets[0].shape[0]
         unreliable_warning(num_images)
-        with stage("msm"):
-            patch = self.patch_scores(sets, num_queries, progress)
-        with stage("rscin"):
+        with hooks.stage("msm"):
+            patch = self.patch_scores(sets, num_queries, hooks.progress)
+        with hooks.stage("rscin"):
             raw = patch.amax(dim=1)
             all_raw, all_embeddings = raw, embeddings.to(raw.device)
             if num_images > num_queries:

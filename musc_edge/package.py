@@ -14,6 +14,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
+from pydantic import TypeAdapter, ValidationError
 
 from musc_edge.errors import MuscEdgeError
 from musc_edge.files import file_sha256, write_json_atomic
@@ -121,7 +122,16 @@ class ModelPackage:
         if missing:
             raise PackageError(f"{folder}: {MANIFEST} lacks {sorted(missing)}; export again")
         known = {f.name for f in stored}
-        return cls(**{k: v for k, v in data.items() if k in known}, folder=folder)
+        values = {k: v for k, v in data.items() if k in known}
+        try:
+            return _SCHEMA.validate_python({**values, "folder": folder})
+        except ValidationError as error:
+            problem = error.errors()[0]
+            where = ".".join(str(part) for part in problem["loc"])
+            raise PackageError(
+                f"{folder}: {MANIFEST} field {where} = {problem['input']!r}: {problem['msg']}; "
+                "export the package again"
+            ) from None
 
     def record_artifact(self, name: str) -> None:
         """Hash a file of the package folder into the manifest."""
@@ -131,6 +141,10 @@ class ModelPackage:
     def write(self) -> None:
         """Write musc.json atomically into the package folder."""
         write_json_atomic(self.path(MANIFEST), self.to_dict())
+
+
+# the manifest is validated against ModelPackage's own field types (one definition of both)
+_SCHEMA = TypeAdapter(ModelPackage)
 
 
 def load_package(

@@ -13,13 +13,9 @@ from musc_edge.runtime.benchmark import Pipeline
 from musc_edge.runtime.runners import open_runner
 
 
-def musc_settings(package: ModelPackage) -> tuple:
-    return package.musc["r_list"], package.musc["frac"], package.musc["k_list"]
-
-
 def line_pipeline(package: ModelPackage, engine: str, precision: str) -> Pipeline:
     runner = open_runner(package, engine, allow_random_init=True)
-    musc = MuSc(*musc_settings(package), precision)
+    musc = MuSc.from_settings(package.musc, precision)
     return Pipeline(
         f"musc-edge {runner.description}", package.preprocessing(), runner, musc, package.max_batch
     )
@@ -28,7 +24,7 @@ def line_pipeline(package: ModelPackage, engine: str, precision: str) -> Pipelin
 def original_pipeline(package: ModelPackage) -> Pipeline:
     """Random-weight packages rebuild the same weights from the export seed (see export)."""
     runner = open_runner(package, "torch", allow_random_init=True)
-    musc = MuSc(*musc_settings(package), "fp32", backend="original", pooling="plain")
+    musc = MuSc.from_settings(package.musc, "fp32", backend="original", pooling="plain")
     return Pipeline(
         "original (torch fp32 + cdist MSM)",
         package.preprocessing(),

@@ -24,7 +24,7 @@ import torch
 from musc_edge.errors import MuscEdgeError
 from musc_edge.features import Extractor
 from musc_edge.images import Preprocess, list_images, read_image
-from musc_edge.musc import MuSc
+from musc_edge.musc import Hooks, MuSc
 from musc_edge.visualize import normalise_maps, overlay, write_png
 
 STAGES = ("decode", "backbone", "lnamd", "msm", "rscin", "write")
@@ -132,7 +132,7 @@ def run_once(pipeline: Pipeline, paths: Sequence[Path], out_dir: Path) -> RunOut
             embeddings.append(embedding)
         per_layer = [torch.cat(layer) for layer in zip(*tokens, strict=True)]
         embedding_all = torch.cat(embeddings)
-    result = pipeline.musc.score(per_layer, embedding_all, stage=watch.stage)
+    result = pipeline.musc.score(per_layer, embedding_all, hooks=Hooks(stage=watch.stage))
     maps = result.patch_maps.float().cpu()
     scores = result.scores
     with watch.stage("write"):

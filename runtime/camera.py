@@ -1,17 +1,24 @@
 """The camera folder: which files are complete images, in the order they arrived.
 
 Another program writes into the folder, often slowly or in pieces. A file is taken only once
-its size and mtime have not changed for `settle` seconds and it decodes; one that still does
-not decode `decode_timeout` seconds after its last change is handed on as a failure, so the
-line records it instead of waiting forever. Temporary and hidden files are never looked at.
+its size, mtime and ctime have not changed for `settle` seconds and it decodes; one that still
+does not decode `decode_timeout` seconds after its last change is handed on as a failure, so
+the line records it instead of waiting forever. Temporary and hidden files are never looked at.
+
+What is opened at all (docs/runtime.md, "Which files are taken"): only regular files, and only
+those that lie inside the camera folder. A symbolic link is followed when its target is a
+regular file inside the folder; a link that leads outside it, a FIFO, a device or a socket is
+recorded as refused without being opened, and nothing of it is copied anywhere. A file larger
+than `max_bytes` or declaring more than `max_pixels` is refused before it is decoded.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,8 +26,16 @@ import cv2
 import numpy as np
 
 from musc_edge.files import file_sha256
-from musc_edge.images import ImageReadError, is_image_name, read_image
+from musc_edge.images import (
+    DEFAULT_MAX_PIXELS,
+    ImageReadError,
+    is_image_name,
+    probe_image,
+    read_image,
+)
 from musc_edge.runtime.journal import Key
+
+DEFAULT_MAX_BYTES = 512 * 2**20  # no camera image is larger; reading is bounded by it
 
 
 @dataclass
@@ -32,7 +47,10 @@ class Arrival:
     ready_at: float  # monotonic time it was found complete
     sha256: str | None = None
     image: np.ndarray | None = None
+    shape: tuple[int, int] | None = None  # the file's own (H, W), also when decoded reduced
     error: str | None = None
+    note: str | None = None  # something about a scored file the record should say
+    copyable: bool = False  # a regular file inside the camera folder: may go to rejected/
 
     @property
     def file(self) -> str:
@@ -41,10 +59,24 @@ class Arrival:
 
 @dataclass
 class _Watched:
-    size: int
-    mtime_ns: int
-    since: float  # monotonic time this size and mtime were first seen
+    key: Key
+    since: float  # monotonic time this size, mtime and ctime were first seen
     failure: str | None = None  # why this state did not decode
+    refused: bool = False  # never to be opened: the failure is final at once
+
+
+def refusal(path: Path, info: os.stat_result, root: Path, max_bytes: int) -> str | None:
+    """Why a file must not be opened (the rules in the module docstring), or None."""
+    if path.is_symlink():
+        target = Path(os.path.realpath(path))
+        if not target.is_relative_to(root):
+            return f"{path}: a symbolic link to {target}, outside the camera folder; not read"
+    if not stat.S_ISREG(info.st_mode):
+        kind = "FIFO" if stat.S_ISFIFO(info.st_mode) else "device, socket or folder"
+        return f"{path}: not a regular file ({kind}); not read"
+    if info.st_size > max_bytes:
+        return f"{path}: {info.st_size} bytes, above the limit of {max_bytes}; not read"
+    return None
 
 
 class CameraDir:
@@ -58,13 +90,19 @@ class CameraDir:
         decode_timeout: float = 10.0,
         exclude: Path | None = None,
         clock: Callable[[], float] = time.monotonic,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+        answered_content: set[tuple[str, str]] | None = None,
     ) -> None:
-        self.root = Path(root)
+        self.root = Path(root).resolve()
         self.answered = answered
+        self.answered_content = answered_content if answered_content is not None else set()
         self.settle = settle
         self.decode_timeout = decode_timeout
         self.exclude = exclude.resolve() if exclude else None
         self.clock = clock
+        self.max_pixels = max_pixels
+        self.max_bytes = max_bytes
         self.watched: dict[Path, _Watched] = {}
         self.handed_out = 0
         # half-written files are expected here; OpenCV's decoder complaints about them are not news
@@ -81,16 +119,17 @@ class CameraDir:
         present = set()
         for path in self._files():
             try:
-                info = path.stat()
+                info = path.stat()  # follows a link; a dangling one is gone
             except OSError:
-                continue  # removed while listing
-            key = (self.relative(path), info.st_size, info.st_mtime_ns)
+                continue
+            key = (self.relative(path), info.st_size, info.st_mtime_ns, info.st_ctime_ns)
             if key in self.answered:
                 continue
             present.add(path)
             old = self.watched.get(path)
-            if old is None or (old.size, old.mtime_ns) != key[1:]:
-                self.watched[path] = _Watched(info.st_size, info.st_mtime_ns, now)
+            if old is None or old.key != key:
+                refused = refusal(path, info, self.root, self.max_bytes)
+                self.watched[path] = _Watched(key, now, refused, refused is not None)
         for path in set(self.watched) - present:
             del self.watched[path]
 
@@ -98,29 +137,33 @@ class CameraDir:
         """Up to `limit` settled files in arrival order, each decoded or timed out."""
         now = self.clock()
         settled = sorted(
-            (state.mtime_ns, path)
+            (state.key[2], path)
             for path, state in self.watched.items()
-            if now - state.since >= self.settle
+            if state.refused or now - state.since >= self.settle
         )
         arrivals = []
         for _, path in settled:
             if len(arrivals) == limit:
                 break
             state = self.watched[path]
+            if state.refused:
+                arrivals.append(self._hand_out(path, state, now, error=state.failure))
+                continue
             if state.failure is None:
                 arrival = self._load(path, state, now)
                 if arrival is not None:
                     arrivals.append(arrival)
                     continue
             if state.failure is not None and now - state.since >= self.decode_timeout:
-                arrivals.append(self._hand_out(path, state, now, error=state.failure))
+                copy = {"copyable": not path.is_symlink()}
+                arrivals.append(self._hand_out(path, state, now, error=state.failure, **copy))
         return arrivals
 
     def relative(self, path: Path) -> str:
         return path.relative_to(self.root).as_posix()
 
-    def _files(self):
-        for folder, subfolders, names in os.walk(self.root):
+    def _files(self) -> Iterator[Path]:
+        for folder, subfolders, names in os.walk(self.root):  # never descends into links
             subfolders[:] = sorted(
                 name
                 for name in subfolders
@@ -130,10 +173,12 @@ class CameraDir:
             yield from (Path(folder, name) for name in names if is_image_name(name))
 
     def _load(self, path: Path, state: _Watched, now: float) -> Arrival | None:
-        """Hash and decode; None if it does not decode (yet) or changed while being read."""
+        """Hash and decode; None if it does not decode (yet), changed while being read, or
+        holds content already answered under this name."""
         try:
             digest = file_sha256(path)
-            image = read_image(path)
+            header = probe_image(path)
+            image = read_image(path, self.max_pixels, header)
             info = path.stat()
         except OSError as error:
             state.failure = f"{path}: cannot read ({error.strerror})"
@@ -141,17 +186,25 @@ class CameraDir:
         except ImageReadError as error:
             state.failure = str(error)
             return None
-        if (info.st_size, info.st_mtime_ns) != (state.size, state.mtime_ns):
-            self.watched[path] = _Watched(info.st_size, info.st_mtime_ns, now)
+        key = (self.relative(path), info.st_size, info.st_mtime_ns, info.st_ctime_ns)
+        if key != state.key:
+            self.watched[path] = _Watched(key, now)
             return None
-        return self._hand_out(path, state, now, sha256=digest, image=image)
+        if (key[0], digest) in self.answered_content:  # only its metadata changed
+            del self.watched[path]
+            self.answered.add(key)
+            return None
+        note = None
+        if header.frames > 1:
+            note = f"{header.format} file of {header.frames} pages: page 1 was scored"
+        found = {"sha256": digest, "image": image, "note": note}
+        return self._hand_out(path, state, now, shape=(header.height, header.width), **found)
 
     def _hand_out(self, path: Path, state: _Watched, now: float, **found) -> Arrival:
         del self.watched[path]
-        key = (self.relative(path), state.size, state.mtime_ns)
-        self.answered.add(key)
+        self.answered.add(state.key)
         self.handed_out += 1
-        if "sha256" not in found:
+        if "sha256" not in found and found.get("copyable"):
             with contextlib.suppress(OSError):  # unreadable: the error already says so
                 found["sha256"] = file_sha256(path)
-        return Arrival(path, key, now, **found)
+        return Arrival(path, state.key, now, **found)

@@ -17,7 +17,7 @@ from musc_edge.runtime.record import RecordError, ResultRecord
 
 RESULTS_FILE = "results.jsonl"
 
-Key = tuple[str, int, int]  # path relative to the camera folder, size, mtime in ns
+Key = tuple[str, int, int, int]  # path relative to the camera folder, size, mtime, ctime (ns)
 
 
 class JournalError(MuscEdgeError, ValueError):
@@ -37,6 +37,7 @@ class Journal:
     def __init__(self, out_dir: Path) -> None:
         self.path = out_dir / RESULTS_FILE
         self.keys: set[Key] = set()
+        self.contents: set[tuple[str, str]] = set()  # (file, sha256) of every answer
         self.last_commit = 0
         self.last_batch = 0
         self.last_batch_records: list[ResultRecord] = []
@@ -88,6 +89,8 @@ class Journal:
 
     def _remember(self, record: ResultRecord) -> None:
         self.keys.add(record.key)
+        if record.sha256:
+            self.contents.add((record.file, record.sha256))
         self.last_commit = record.commit
         if record.batch != self.last_batch:
             self.last_batch, self.last_batch_records = record.batch, []

@@ -19,10 +19,12 @@ import numpy as np
 import torch
 
 from musc_edge.errors import UsageError
+from musc_edge.images import DEFAULT_MAX_PIXELS
 from musc_edge.musc import MuSc
 from musc_edge.package import ModelPackage
 from musc_edge.runtime.camera import Arrival, CameraDir
 from musc_edge.runtime.journal import Journal
+from musc_edge.runtime.lock import OutFolderLock
 from musc_edge.runtime.outputs import preview, set_aside, visual_paths
 from musc_edge.runtime.record import ResultRecord, Timings
 from musc_edge.runtime.runners import Runner
@@ -49,6 +51,7 @@ class LineSettings:
     decode_timeout: float = 10.0
     max_wait: float | None = 60.0  # watch, batch mode: score a partial batch this old
     sinks: tuple[str, ...] = ()  # extra sinks by registered name, after the built-in ones
+    max_pixels: int = DEFAULT_MAX_PIXELS  # images declaring more are refused undecoded
 
 
 @dataclass
@@ -83,6 +86,26 @@ class Line:
             raise UsageError(f"batch size must be at least 1, got {settings.batch_size}")
         if not settings.camera_dir.is_dir():
             raise UsageError(f"camera folder {settings.camera_dir} does not exist")
+        if settings.out_dir.resolve() == settings.camera_dir.resolve():
+            raise UsageError(
+                f"--out {settings.out_dir} is the camera folder; the line would score its own "
+                "outputs. Choose a folder beside it (the default is CAMERA_DIR-musc-results)"
+            )
+        self.lock = OutFolderLock(settings.out_dir)
+        try:
+            self._open(settings, package, runner, musc, on_update)
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _open(
+        self,
+        settings: LineSettings,
+        package: ModelPackage,
+        runner: Runner,
+        musc: MuSc,
+        on_update: Callable[[LineStats], None] | None,
+    ) -> None:
         self.settings = settings
         self.package = package
         self.runner = runner
@@ -97,6 +120,8 @@ class Line:
             settings.settle,
             settings.decode_timeout,
             exclude=settings.out_dir,
+            max_pixels=settings.max_pixels,
+            answered_content=self.journal.contents,
         )
         self.stats = LineStats(resumed=len(self.journal.keys), dropped=self.journal.dropped_lines)
         self.rolling = (
@@ -129,6 +154,7 @@ class Line:
             for sink in self.sinks:
                 sink.flush()
                 sink.close()
+            self.lock.release()
 
     def _loop(self, stop: threading.Event) -> LineStats:
         settings = self.settings
@@ -189,7 +215,7 @@ class Line:
                 [layer[index] for layer in tokens],
                 embeddings[index],
                 preview(arrival.image),
-                arrival.image.shape[:2],
+                arrival.shape,
                 per_image_ms,
             )
             arrival.image = None  # the preview is all that is kept
@@ -247,7 +273,7 @@ class Line:
                     threshold=answer.threshold,
                     overlay=overlay,
                     mask=mask,
-                    warning=answer.warning,
+                    warning="; ".join(filter(None, (item.arrival.note, answer.warning))) or None,
                     timings=Timings(
                         round(item.features_ms, 2), round(score_ms, 2), round(latency, 2)
                     ),
@@ -268,7 +294,9 @@ class Line:
                 arrival,
                 batch,
                 error=arrival.error,
-                rejected=set_aside(out_dir, arrival.path, arrival.file, arrival.sha256),
+                rejected=set_aside(out_dir, arrival.path, arrival.file, arrival.sha256)
+                if arrival.copyable
+                else None,
             )
             for arrival in failures
         ]
@@ -276,7 +304,4 @@ class Line:
         self.stats.failed += len(records)
 
     def _record(self, arrival: Arrival, batch: int, **fields) -> ResultRecord:
-        file, size, mtime_ns = arrival.key
-        return ResultRecord(
-            file, size, mtime_ns, arrival.sha256, batch, self.settings.mode, **fields
-        )
+        return ResultRecord(*arrival.key, arrival.sha256, batch, self.settings.mode, **fields)

@@ -37,6 +37,7 @@ class ResultRecord:
     file: str  # path relative to the camera folder
     size: int
     mtime_ns: int
+    ctime_ns: int  # a writer can restore the mtime, never the inode change time
     sha256: str | None
     batch: int
     mode: str
@@ -55,9 +56,9 @@ class ResultRecord:
     commit_lines: int = 0
 
     @property
-    def key(self) -> tuple[str, int, int]:
-        """What identifies the file version answered: name, size, mtime."""
-        return self.file, self.size, self.mtime_ns
+    def key(self) -> tuple[str, int, int, int]:
+        """What identifies the file version answered: name, size, mtime, ctime."""
+        return self.file, self.size, self.mtime_ns, self.ctime_ns
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -79,17 +80,28 @@ class ResultRecord:
         if not isinstance(timings, dict) or set(timings) - {f.name for f in fields(Timings)}:
             raise RecordError(f"the record's timings {timings!r} are not timings")
         values["timings"] = Timings(**timings)
-        for name, kind in (("size", int), ("mtime_ns", int), ("batch", int), ("commit", int)):
-            if not isinstance(values.get(name), kind) or isinstance(values.get(name), bool):
+        for name in ("size", "mtime_ns", "ctime_ns", "batch", "commit", "commit_lines"):
+            if not isinstance(values.get(name), int) or isinstance(values.get(name), bool):
                 raise RecordError(f"the record's {name} {values.get(name)!r} is not an integer")
         return cls(**values)
 
 
-REQUIRED = ("file", "size", "mtime_ns", "sha256", "batch", "mode", "commit", "commit_lines")
+REQUIRED = (
+    "file",
+    "size",
+    "mtime_ns",
+    "ctime_ns",
+    "sha256",
+    "batch",
+    "mode",
+    "commit",
+    "commit_lines",
+)
 TABLE_COLUMNS = tuple(
     name
     for f in fields(ResultRecord)
-    if f.name not in ("size", "mtime_ns", "mode", "recorded_at", "commit", "commit_lines")
+    if f.name
+    not in ("size", "mtime_ns", "ctime_ns", "mode", "recorded_at", "commit", "commit_lines")
     for name in ([t.name for t in fields(Timings)] if f.name == "timings" else [f.name])
 )
 

@@ -51,8 +51,9 @@ class PooledColours(Runner):
 
 def make_line(tmp_path: Path, **settings) -> Line:
     package = write_package(tmp_path / "pkg", image_size=SIZE, layers=[1, 2])
+    out_dir = settings.pop("out_dir", tmp_path / "out")
     options = {"settle": 0.0, "poll": 0.01, "watch": False, "batch_size": 4, **settings}
-    line_settings = LineSettings(tmp_path / "camera", tmp_path / "out", **options)
+    line_settings = LineSettings(tmp_path / "camera", out_dir, **options)
     return Line(line_settings, package, PooledColours(package), MuSc())
 
 

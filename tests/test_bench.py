@@ -39,7 +39,8 @@ def bench(tmp_path, package, *extra: str):
         ],
     )
     assert result.exit_code == 0, result.output
-    return json.loads(out.read_text()), list(csv.DictReader(table.open())), result.output
+    said = " ".join(result.output.split())  # whatever the terminal width wrapped
+    return json.loads(out.read_text()), list(csv.DictReader(table.open())), said
 
 
 def check_measurement(summary: dict, batch_size: int) -> None:

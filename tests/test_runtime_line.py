@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import random
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -185,34 +184,3 @@ def wait_for(condition, timeout: float) -> None:
     while not condition():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.1)
-
-
-def test_sigkill_and_restart_lose_nothing_and_score_nothing_twice(
-    package: Path, tmp_path: Path
-) -> None:
-    camera, out, count = tmp_path / "camera", tmp_path / "out", 18
-    camera.mkdir()
-    line = [
-        *CLI, "run", "--camera-dir", str(camera), "--model", str(package), "--out", str(out),
-        "--batch-size", "4", "--settle", "0.4", "--poll", "0.05", "--decode-timeout", "20",
-        "--max-wait", "3", "--engine", "onnxruntime",
-    ]  # fmt: skip
-    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(camera), str(count)])
-    started = [writer, subprocess.Popen(line, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
-    try:
-        wait_for(lambda: len(results(out)) >= 4, timeout=120)
-        started[1].send_signal(signal.SIGKILL)
-        started[1].wait()
-        second = subprocess.Popen(line, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        started.append(second)
-        assert writer.wait(timeout=120) == 0
-        wait_for(lambda: len(results(out)) >= count, timeout=120)
-        second.send_signal(signal.SIGTERM)
-        output, _ = second.communicate(timeout=60)
-    finally:
-        for process in started:
-            process.kill()
-    assert second.returncode == 0, output
-    files = [r["file"] for r in results(out)]
-    assert sorted(files) == [f"part_{index:03d}.png" for index in range(count)]
-    assert not any(r["error"] for r in results(out))

@@ -19,7 +19,7 @@ from musc_edge.cli.options import parse_int_list
 from musc_edge.precision import Precision
 
 app = typer.Typer(rich_markup_mode=None, help="Latency benchmarks.", no_args_is_help=False)
-console = Console()
+console = Console(soft_wrap=True)  # long paths stay whole in logs, whatever the width
 
 
 @app.callback(invoke_without_command=True)

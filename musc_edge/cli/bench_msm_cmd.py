@@ -16,7 +16,7 @@ from rich.console import Console
 from musc_edge.cli import options
 from musc_edge.precision import Precision
 
-console = Console()
+console = Console(soft_wrap=True)  # long paths stay whole in logs, whatever the width
 BUSY_LOAD = 0.5  # 1-minute load average above which the timings are not trustworthy
 
 

@@ -16,7 +16,7 @@ from musc_edge.cli import options
 from musc_edge.cli.errors import user_errors
 from musc_edge.cli.export_cmd import Stages, stage_progress
 
-console = Console()
+console = Console(soft_wrap=True)  # long paths stay whole in logs, whatever the width
 PARTS = 24
 DEFECT_EVERY = 6  # 4 of the 24 parts carry a drawn defect
 

@@ -15,7 +15,7 @@ from musc_edge.cli import options
 from musc_edge.cli.errors import user_errors
 from musc_edge.precision import Precision
 
-console = Console()
+console = Console(soft_wrap=True)  # long paths stay whole in logs, whatever the width
 
 
 def evaluate(

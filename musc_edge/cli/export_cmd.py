@@ -15,7 +15,7 @@ from musc_edge.cli import options
 from musc_edge.cli.errors import user_errors
 from musc_edge.runtime.engine_builder import EnginePrecision
 
-console = Console()
+console = Console(soft_wrap=True)  # long paths stay whole in logs, whatever the width
 engine_app = typer.Typer(
     rich_markup_mode=None, help="TensorRT engines of model packages.", no_args_is_help=True
 )

@@ -20,7 +20,7 @@ from musc_edge.cli.errors import user_errors
 from musc_edge.images import DEFAULT_MAX_PIXELS
 from musc_edge.precision import Precision
 
-console = Console()
+console = Console(soft_wrap=True)  # long paths stay whole in logs, whatever the width
 
 
 class Mode(str, enum.Enum):

@@ -12,7 +12,7 @@ from musc_edge.cli.errors import user_errors
 app = typer.Typer(
     rich_markup_mode=None, help="Fetch and list backbone weights.", no_args_is_help=True
 )
-console = Console()
+console = Console(soft_wrap=True)  # long paths stay whole in logs, whatever the width
 
 
 @app.command("fetch")

@@ -59,6 +59,8 @@ def engine_support() -> str | None:
         import tensorrt as trt
     except ImportError:
         return "TensorRT is not installed here (on the device: pip install tensorrt, or JetPack's)"
+    if not hasattr(trt, "__version__"):  # e.g. only the tensorrt-stubs type stubs
+        return "the `tensorrt` found here is not a TensorRT installation (type stubs only?)"
     if int(trt.__version__.split(".")[0]) < MIN_TENSORRT_MAJOR:
         return f"TensorRT {trt.__version__} is too old; engines need TensorRT 10 or newer"
     if not torch.cuda.is_available():

@@ -79,14 +79,15 @@ def probe_image(path: Path) -> ImageInfo:
     """The header of an image file; an ImageReadError for anything that is not one."""
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            warnings.simplefilter("ignore")  # complaints about half-written files are not news
             with Image.open(path) as image:
                 width, height = image.size
                 return ImageInfo(width, height, getattr(image, "n_frames", 1), image.format or "")
     except Image.DecompressionBombError:
         raise ImageReadError(f"{path}: declared size far above --max-pixels; not decoded") from None
     except OSError as error:  # PIL.UnidentifiedImageError is an OSError too
-        reason = "empty file" if path.stat().st_size == 0 else "not a decodable image header"
+        empty = path.is_file() and path.stat().st_size == 0
+        reason = "empty file" if empty else "not a decodable image header"
         raise ImageReadError(f"{path}: {reason} ({type(error).__name__})") from None
 
 

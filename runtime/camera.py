@@ -33,7 +33,7 @@ from musc_edge.images import (
     probe_image,
     read_image,
 )
-from musc_edge.runtime.journal import Key
+from musc_edge.runtime.record import Key
 
 DEFAULT_MAX_BYTES = 512 * 2**20  # no camera image is larger; reading is bounded by it
 

@@ -13,11 +13,9 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from musc_edge.errors import MuscEdgeError
-from musc_edge.runtime.record import RecordError, ResultRecord
+from musc_edge.runtime.record import Key, RecordError, ResultRecord
 
 RESULTS_FILE = "results.jsonl"
-
-Key = tuple[str, int, int, int]  # path relative to the camera folder, size, mtime, ctime (ns)
 
 
 class JournalError(MuscEdgeError, ValueError):

@@ -19,8 +19,13 @@ PREVIEW_SIDE = 1024  # overlays are for eyes: bound their size, and the memory h
 REJECTED_DIR = "rejected"
 
 
+def batch_folder(batch: int) -> PurePosixPath:
+    """A batch's folder relative to the out folder: batches/NNNNNN."""
+    return PurePosixPath("batches", f"{batch:06d}")
+
+
 def batch_dir(out_dir: Path, batch: int) -> Path:
-    return out_dir / "batches" / f"{batch:06d}"
+    return out_dir / batch_folder(batch)
 
 
 def output_name(file: str) -> str:
@@ -32,7 +37,7 @@ def output_name(file: str) -> str:
 
 def visual_paths(batch: int, file: str, with_mask: bool) -> tuple[str, str | None]:
     """(overlay, mask) paths relative to the out folder for one scored file."""
-    folder = PurePosixPath("batches", f"{batch:06d}")
+    folder = batch_folder(batch)
     name = output_name(file)
     return str(folder / "overlays" / name), str(folder / "masks" / name) if with_mask else None
 

@@ -10,7 +10,13 @@ from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from typing import Any
 
+from pydantic import ConfigDict, StrictInt, TypeAdapter, ValidationError
+
 from musc_edge.errors import MuscEdgeError
+
+Key = tuple[str, int, int, int]  # path relative to the camera folder, size, mtime, ctime (ns)
+# the record's fields no stored line may lack although a record has them before its commit
+COMMIT_FIELDS = ("commit", "commit_lines")
 
 
 class RecordError(MuscEdgeError, ValueError):
@@ -20,6 +26,8 @@ class RecordError(MuscEdgeError, ValueError):
 @dataclass
 class Timings:
     """Milliseconds per image: features on arrival, the scoring call, ready -> answered."""
+
+    __pydantic_config__ = ConfigDict(extra="forbid")
 
     features_ms: float | None = None
     score_ms: float | None = None
@@ -34,12 +42,14 @@ def utc_now() -> str:
 class ResultRecord:
     """What the line says about one camera file: scores and label, or why it failed."""
 
+    __pydantic_config__ = ConfigDict(extra="forbid")  # a stored line is checked against it
+
     file: str  # path relative to the camera folder
-    size: int
-    mtime_ns: int
-    ctime_ns: int  # a writer can restore the mtime, never the inode change time
+    size: StrictInt
+    mtime_ns: StrictInt
+    ctime_ns: StrictInt  # a writer can restore the mtime, never the inode change time
     sha256: str | None
-    batch: int
+    batch: StrictInt
     mode: str
     score: float | None = None  # RsCIN score within the batch or window
     raw_score: float | None = None  # max patch distance
@@ -52,11 +62,11 @@ class ResultRecord:
     error: str | None = None
     rejected: str | None = None  # where a copy of an unscorable file was put
     recorded_at: str = field(default_factory=utc_now)
-    commit: int = 0  # the journal commit that holds this record, and that commit's size
-    commit_lines: int = 0
+    commit: StrictInt = 0  # the journal commit that holds this record, and that commit's size
+    commit_lines: StrictInt = 0
 
     @property
-    def key(self) -> tuple[str, int, int, int]:
+    def key(self) -> Key:
         """What identifies the file version answered: name, size, mtime, ctime."""
         return self.file, self.size, self.mtime_ns, self.ctime_ns
 
@@ -65,38 +75,19 @@ class ResultRecord:
 
     @classmethod
     def from_dict(cls, data: object) -> ResultRecord:
-        """Parse one stored record, or a RecordError naming what does not fit."""
-        if not isinstance(data, dict):
-            raise RecordError(f"a result record is a JSON object, not {type(data).__name__}")
-        names = {f.name for f in fields(cls)}
-        missing = sorted(f.name for f in fields(cls) if f.name not in data and f.name in REQUIRED)
-        if missing:
+        """Parse one stored record against the fields' own types, or a RecordError naming
+        what does not fit."""
+        if isinstance(data, dict) and (missing := [f for f in COMMIT_FIELDS if f not in data]):
             raise RecordError(f"the record lacks {', '.join(missing)}")
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise RecordError(f"the record has unknown fields {', '.join(unknown)}")
-        values = dict(data)
-        timings = values.get("timings") or {}
-        if not isinstance(timings, dict) or set(timings) - {f.name for f in fields(Timings)}:
-            raise RecordError(f"the record's timings {timings!r} are not timings")
-        values["timings"] = Timings(**timings)
-        for name in ("size", "mtime_ns", "ctime_ns", "batch", "commit", "commit_lines"):
-            if not isinstance(values.get(name), int) or isinstance(values.get(name), bool):
-                raise RecordError(f"the record's {name} {values.get(name)!r} is not an integer")
-        return cls(**values)
+        try:
+            return _SCHEMA.validate_python(data)
+        except ValidationError as error:
+            problem = error.errors()[0]
+            where = ".".join(str(part) for part in problem["loc"]) or "the line"
+            raise RecordError(f"{where}: {problem['msg']}") from None
 
 
-REQUIRED = (
-    "file",
-    "size",
-    "mtime_ns",
-    "ctime_ns",
-    "sha256",
-    "batch",
-    "mode",
-    "commit",
-    "commit_lines",
-)
+_SCHEMA = TypeAdapter(ResultRecord)
 TABLE_COLUMNS = tuple(
     name
     for f in fields(ResultRecord)

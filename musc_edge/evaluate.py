@@ -1,8 +1,13 @@
-"""Evaluation on labelled test sets: score each category as one MuSc batch, then measure."""
+"""Evaluation on labelled test sets: score each category as one MuSc batch, then measure.
+
+Zero-shot by default, as the paper; with K known-good references (few-shot, `--shots`) the
+scores and maps are each patch's distance to them, as a calibrated line judges.
+"""
 
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,10 +15,10 @@ from pathlib import Path
 import numpy as np
 
 from musc_edge.datasets import Sample
-from musc_edge.features import Extractor, extract_features
+from musc_edge.features import Extractor, Features, extract_features
 from musc_edge.images import Preprocess, read_image, read_mask
 from musc_edge.metrics import image_metrics, pixel_metrics
-from musc_edge.musc import Hooks, MuSc
+from musc_edge.musc import Hooks, MuSc, References
 from musc_edge.visualize import normalise_maps, overlay, write_png
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
@@ -26,9 +31,11 @@ class CategoryReport:
     category: str
     image: dict[str, float]
     pixel: dict[str, float] | None  # None when some anomalous image has no mask
+    pixel_mutual: dict[str, float] | None  # few-shot: of the mutual maps, the bank's above
     images: list[dict] = field(default_factory=list)
     failures: list[dict] = field(default_factory=list)
     seconds: float = 0.0
+    shots: int = 0  # known-good references it was scored with (0: zero-shot)
 
 
 def evaluate_category(
@@ -39,8 +46,10 @@ def evaluate_category(
     musc: MuSc,
     progress: Progress | None = None,
     maps_dir: Path | None = None,
+    references: Features | None = None,
 ) -> CategoryReport:
-    """Extract features, score the category's images against each other, compute metrics."""
+    """Extract features, score the category's images against each other (and against known-good
+    `references`, whose distance then makes the scores and maps), compute metrics."""
     started = time.perf_counter()
     report = progress or (lambda stage, done, total: None)
     done = 0
@@ -52,13 +61,14 @@ def evaluate_category(
 
     features = extract_features([s.path for s in samples], preprocess, extractor, on_batch=on_batch)
     scoring = Hooks(progress=lambda done, total: report("scoring", done, total))
-    result = musc.score(features.tokens, features.embeddings, hooks=scoring)
+    known = known_good(musc, references) if references is not None else None
+    result = musc.score(features.tokens, features.embeddings, hooks=scoring, known_good=known)
     by_path = {s.path: s for s in samples}
     scored = [by_path[p] for p in features.paths]
     labels = np.array([s.label for s in scored])
-    scores = result.scores.numpy()
+    scores = result.verdict_scores.numpy()
     maps = result.pixel_maps(preprocess.image_size).numpy()
-    pixel = None
+    pixel = pixel_mutual = None
     if all(s.mask_path is not None for s in scored if s.label == 1):
         masks = np.stack(
             [
@@ -69,6 +79,9 @@ def evaluate_category(
             ]
         )
         pixel = pixel_metrics(masks, maps)
+        if result.bank_maps is not None:  # the mutual maps, for comparison (docs/verdicts.md)
+            mutual = result.pixel_maps(preprocess.image_size, mutual=True).numpy()
+            pixel_mutual = pixel_metrics(masks, mutual)
     if maps_dir is not None:
         save_maps(maps_dir / category, scored, maps)
     images = [
@@ -86,10 +99,19 @@ def evaluate_category(
         category,
         image_metrics(labels, scores),
         pixel,
+        pixel_mutual,
         images,
         failures,
         time.perf_counter() - started,
     )
+
+
+def known_good(musc: MuSc, features: Features) -> References:
+    """Known-good images as MuSc references; with one image its mutual score is simply 0."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a bank of 1 to 4 images is small by design
+        raw = musc.score(features.tokens, features.embeddings).raw_scores
+    return References(musc.pool(features.tokens), features.embeddings, raw)
 
 
 def save_maps(folder: Path, samples: list[Sample], maps: np.ndarray) -> None:

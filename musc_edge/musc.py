@@ -1,9 +1,11 @@
 """The MuSc scorer: LNAMD -> MSM -> maps -> RsCIN, the one place every caller scores through.
 
 Two ways to score: a batch of unlabeled images against each other (`score`), and query images
-against references that vote but receive no score (`score_pooled` with `References`): a rolling
-window of recent parts today, a bank of known-good parts tomorrow. Both run the same LNAMD,
-the same MSM backend and the same RsCIN (docs/design.md).
+against references that vote but receive no score (`References`): a rolling window of recent
+parts, or a bank of known-good parts from a calibration. Both run the same LNAMD, the same MSM
+backend and the same RsCIN (docs/design.md). A known-good bank also gives each query patch its
+distance to the nearest known-good patch (`MuScResult.bank_maps`), the score a calibrated line
+judges by (docs/verdicts.md).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from musc_edge.errors import MuscEdgeError
 from musc_edge.lnamd import grid_side
 from musc_edge.msm import DEFAULT_BACKEND, mutual_scores
 from musc_edge.msm.backends import check_backend
+from musc_edge.msm.nearest import nearest_distances
 from musc_edge.precision import Precision, parse_precision
 from musc_edge.rscin import rscin
 
@@ -30,7 +33,7 @@ from musc_edge.rscin import rscin
 # unreliable, and a median / MAD of so few scores says nothing either.
 RELIABLE_BATCH = 5
 Progress = Callable[[int, int], None]
-# stage(name) -> a context manager around that stage ("lnamd", "msm", "rscin"): the hook the
+# stage(name) -> a context manager around that stage ("lnamd", "bank", "msm", "rscin"): the hook the
 # benchmark times the stages with
 StageHook = Callable[[str], AbstractContextManager]
 POOLING = {"op": lnamd_op.lnamd, "plain": lnamd.lnamd}
@@ -48,13 +51,29 @@ class MuScResult:
 
     patch_maps: torch.Tensor  # (N, h, h) patch distances
     raw_scores: torch.Tensor  # (N,) max of each patch map
-    scores: torch.Tensor  # (N,) after RsCIN
+    scores: torch.Tensor  # (N,) after RsCIN, in patch-distance units
+    bank_maps: torch.Tensor | None = None  # (N, h, h) distances to the known-good bank
 
-    def pixel_maps(self, size: int | tuple[int, int]) -> torch.Tensor:
-        """(N, H, W) maps upsampled bilinearly (align_corners=True) to the evaluation size."""
-        maps = F.interpolate(
-            self.patch_maps.unsqueeze(1), size=size, mode="bilinear", align_corners=True
-        )
+    @property
+    def bank_scores(self) -> torch.Tensor | None:
+        """(N,) max of each bank map: how far the image's worst patch is from every good part."""
+        return None if self.bank_maps is None else self.bank_maps.flatten(1).amax(dim=1)
+
+    @property
+    def verdict_maps(self) -> torch.Tensor:
+        """The maps a verdict rests on: the bank's when there is one, else the mutual ones."""
+        return self.patch_maps if self.bank_maps is None else self.bank_maps
+
+    @property
+    def verdict_scores(self) -> torch.Tensor:
+        """The image scores a verdict rests on: the bank's, else RsCIN's (docs/verdicts.md)."""
+        return self.scores if self.bank_maps is None else self.bank_scores
+
+    def pixel_maps(self, size: int | tuple[int, int], mutual: bool = False) -> torch.Tensor:
+        """(N, H, W) verdict maps (or the mutual ones) upsampled bilinearly (align_corners=True)
+        to `size`."""
+        chosen = self.patch_maps if mutual else self.verdict_maps
+        maps = F.interpolate(chosen.unsqueeze(1), size=size, mode="bilinear", align_corners=True)
         return maps.squeeze(1)
 
 
@@ -69,6 +88,18 @@ class References:
 
     def __len__(self) -> int:
         return self.embeddings.shape[0]
+
+    def join(self, other: References | None) -> References:
+        """These references and `other`'s, as one set of voters."""
+        if other is None or not len(other):
+            return self
+        if not len(self):
+            return other
+        return References(
+            [torch.cat([a, b.to(a.dtype)]) for a, b in zip(self.sets, other.sets, strict=True)],
+            torch.cat([self.embeddings, other.embeddings.to(self.embeddings)]),
+            torch.cat([self.raw_scores, other.raw_scores.to(self.raw_scores)]),
+        )
 
 
 def check_inputs(tokens: Sequence[torch.Tensor], embeddings: torch.Tensor) -> int:
@@ -139,7 +170,7 @@ def no_stage(name: str) -> AbstractContextManager:
 @dataclass(frozen=True)
 class Hooks:
     """Callbacks of a scoring call: `progress(done, total)` after each (layer, r) set, the
-    slow part; `stage(name)` around "lnamd", "msm" and "rscin", which the benchmark times."""
+    slow part; `stage(name)` around "lnamd", "bank", "msm" and "rscin" (timed by the bench)."""
 
     progress: Progress | None = None
     stage: StageHook = no_stage
@@ -208,6 +239,16 @@ class MuSc:
                 progress(index + 1, len(sets))
         return total / len(sets)
 
+    def bank_maps(self, sets: Sets, bank: References) -> torch.Tensor:
+        """(Q, h, h) distance of each query patch to the nearest patch of the bank, averaged
+        over the pooled sets as MSM's patch scores are."""
+        total = sum(
+            nearest_distances(z, b, self.precision.dtype, self.budget_bytes)
+            for z, b in zip(sets, bank.sets, strict=True)
+        )
+        side = math.isqrt(sets[0].shape[1])
+        return (total / len(sets)).view(-1, side, side)
+
     @torch.no_grad()
     def score(
         self,
@@ -215,24 +256,43 @@ class MuSc:
         embeddings: torch.Tensor,
         references: References | None = None,
         hooks: Hooks = Hooks(),
+        known_good: References | None = None,
     ) -> MuScResult:
-        """Score N images against each other (and the references, if any)."""
+        """Score N images against each other (and the references, if any; known-good
+        references vote too and give the bank maps)."""
         check_inputs(tokens, embeddings)
         with hooks.stage("lnamd"):
             sets = self.pool(tokens)
-        return self._score_sets(sets, embeddings, references, hooks)
+        return self._score_sets(sets, embeddings, references, hooks, known_good)
 
     @torch.no_grad()
-    def score_pooled(self, sets: Sets, embeddings: Tensor, references: References) -> MuScResult:
+    def score_pooled(
+        self,
+        sets: Sets,
+        embeddings: Tensor,
+        references: References | None,
+        known_good: References | None = None,
+    ) -> MuScResult:
         """Score already pooled query images (rolling mode pools each image once, on arrival,
         and keeps its sets in the window)."""
-        return self._score_sets(sets, embeddings, references, Hooks())
+        return self._score_sets(sets, embeddings, references, Hooks(), known_good)
 
     def _score_sets(
-        self, sets: Sets, embeddings: Tensor, references: References | None, hooks: Hooks
+        self,
+        sets: Sets,
+        embeddings: Tensor,
+        references: References | None,
+        hooks: Hooks,
+        known_good: References | None = None,
     ) -> MuScResult:
         """MSM, maps and RsCIN of pooled queries; references vote in MSM and RsCIN, unscored."""
         num_queries = embeddings.shape[0]
+        bank = None
+        if known_good is not None and len(known_good):
+            check_references(sets, known_good)
+            with hooks.stage("bank"):
+                bank = self.bank_maps(sets, known_good)
+            references = known_good if references is None else references.join(known_good)
         if references is not None and len(references):
             check_references(sets, references)
             sets = [
@@ -250,4 +310,4 @@ class MuSc:
                 all_embeddings = torch.cat([all_embeddings, references.embeddings.to(raw.device)])
             scores = rscin(all_raw, all_embeddings, self.k_list)[:num_queries]
         side = math.isqrt(patch.shape[1])
-        return MuScResult(patch.view(num_queries, side, side), raw, scores)
+        return MuScResult(patch.view(num_queries, side, side), raw, scores, bank)

@@ -2,6 +2,11 @@
 
 An image whose nearest neighbours (by global embedding) score low is probably normal even if
 one patch scored high by chance; averaging over k neighbours for several k damps such noise.
+
+The original min-max normalises the raw scores first. Every row of the smoothing matrix sums
+to 1, so smoothing commutes with any affine map: skipping the min-max gives the same ranking
+within a batch (the same AUROC) and keeps the scores in patch-distance units, one scale for
+every batch and window (docs/verdicts.md).
 """
 
 from __future__ import annotations
@@ -12,14 +17,6 @@ import torch
 import torch.nn.functional as F
 
 
-def min_max(values: torch.Tensor) -> torch.Tensor:
-    """Scale to [0, 1]; a constant vector maps to zeros rather than NaN."""
-    spread = values.max() - values.min()
-    if spread <= 0:
-        return torch.zeros_like(values)
-    return (values - values.min()) / spread
-
-
 def rscin(
     raw_scores: torch.Tensor, embeddings: torch.Tensor, k_list: Sequence[int]
 ) -> torch.Tensor:
@@ -27,9 +24,9 @@ def rscin(
 
     For each k, row i of the similarity W = E E^T keeps its k largest entries (itself
     included, k capped at N), normalised to sum 1; the result is the mean of the k-neighbour
-    averages of the min-max normalised scores. Embeddings are always L2-normalised here.
+    averages of the raw scores. Embeddings are always L2-normalised here.
     """
-    scores = min_max(raw_scores.double())
+    scores = raw_scores.double()
     unit = F.normalize(embeddings.double(), dim=-1)
     similarity = unit @ unit.T
     smoothed = []

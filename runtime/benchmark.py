@@ -24,10 +24,10 @@ import torch
 from musc_edge.errors import MuscEdgeError
 from musc_edge.features import Extractor
 from musc_edge.images import Preprocess, list_images, read_image
-from musc_edge.musc import Hooks, MuSc
+from musc_edge.musc import Hooks, MuSc, References
 from musc_edge.visualize import normalise_maps, overlay, write_png
 
-STAGES = ("decode", "backbone", "lnamd", "msm", "rscin", "write")
+STAGES = ("decode", "backbone", "lnamd", "bank", "msm", "rscin", "write")  # bank: calibrated
 TOLERANCE = {"fp32": 1e-4, "bf16": 3e-2, "fp16": 3e-2}  # max abs difference of patch maps
 
 
@@ -45,6 +45,7 @@ class Pipeline:
     extractor: Extractor
     musc: MuSc
     max_batch: int = 8
+    known_good: References | None = None  # a calibration's parts: they vote, and the bank
 
 
 @dataclass
@@ -71,6 +72,8 @@ class Measurement:
         """Median, p95 and max per stage, per batch and per image; images per second."""
         stages = {}
         for stage in (*STAGES, "total"):
+            if stage not in self.runs[0]:
+                continue  # "bank" runs only with a calibration
             values = sorted(run[stage] for run in self.runs)
             stages[stage] = {
                 "median_s": statistics.median(values),
@@ -132,9 +135,11 @@ def run_once(pipeline: Pipeline, paths: Sequence[Path], out_dir: Path) -> RunOut
             embeddings.append(embedding)
         per_layer = [torch.cat(layer) for layer in zip(*tokens, strict=True)]
         embedding_all = torch.cat(embeddings)
-    result = pipeline.musc.score(per_layer, embedding_all, hooks=Hooks(stage=watch.stage))
-    maps = result.patch_maps.float().cpu()
-    scores = result.scores
+    result = pipeline.musc.score(
+        per_layer, embedding_all, hooks=Hooks(stage=watch.stage), known_good=pipeline.known_good
+    )
+    maps = result.verdict_maps.float().cpu()
+    scores = result.verdict_scores
     with watch.stage("write"):
         write_results(out_dir, images, maps, scores.cpu())
     watch.times["total"] = sum(watch.times.values())

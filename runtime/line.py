@@ -18,19 +18,29 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from musc_edge.calibration import load_calibration
 from musc_edge.errors import UsageError
 from musc_edge.images import DEFAULT_MAX_PIXELS
 from musc_edge.musc import MuSc
 from musc_edge.package import ModelPackage
 from musc_edge.runtime.camera import Arrival, CameraDir
 from musc_edge.runtime.journal import Journal
+from musc_edge.runtime.known_good import Joined, KnownGood
 from musc_edge.runtime.lock import OutFolderLock
 from musc_edge.runtime.outputs import preview, set_aside, visual_paths
 from musc_edge.runtime.record import ResultRecord, Timings
 from musc_edge.runtime.runners import Runner
 from musc_edge.runtime.scoring import Answer, Item, RollingScorer, score_batch
 from musc_edge.runtime.sinks import CommitContext, Sink, SinkSetup, open_sinks
-from musc_edge.runtime.threshold import AUTO_RULE, label
+from musc_edge.runtime.verdicts import (
+    ANOMALOUS,
+    NORMAL,
+    CalibratedJudge,
+    FixedJudge,
+    HistoryJudge,
+    Judge,
+    label,
+)
 
 MODES = ("batch", "rolling")
 
@@ -44,7 +54,9 @@ class LineSettings:
     batch_size: int = 32
     mode: str = "batch"
     watch: bool = True
-    threshold: float | None = None  # None: automatic, per batch (rolling: per window)
+    threshold: float | None = None  # None: the calibration's, or else the line's history
+    calibration: Path | None = None  # known-good parts from `musc-edge calibrate`
+    refresh_references: int = 0  # calibrated: up to this many recent clearly-normal parts join
     map_norm: str = "batch"
     poll: float = 0.5
     settle: float = 1.0
@@ -67,6 +79,12 @@ class LineStats:
     image_ms: deque[float] = field(default_factory=lambda: deque(maxlen=1000))  # recent, ms
     resumed: int = 0  # results already in the journal at start
     dropped: int = 0  # torn journal lines cut off at start (those images are scored again)
+    anomalous: int = 0
+    calibrated: bool = False  # False: thresholds from the line's own history
+    shifts: int = 0  # commits whose scores left the normal band
+    repeated: int = 0  # calibrated: anomalous parts that look ordinary among their peers
+    joined: int = 0  # parts that joined the known-good references (--refresh-references)
+    threshold: float | None = None  # the latest one
 
 
 class Line:
@@ -123,9 +141,23 @@ class Line:
             max_pixels=settings.max_pixels,
             answered_content=self.journal.contents,
         )
-        self.stats = LineStats(resumed=len(self.journal.keys), dropped=self.journal.dropped_lines)
+        self.known_good = None
+        if settings.calibration is not None:
+            calibration = load_calibration(settings.calibration, package)
+            self.known_good = KnownGood(
+                calibration, settings.refresh_references, musc.precision.dtype
+            )
+        elif settings.refresh_references:
+            raise UsageError("--refresh-references needs a --calibration to refresh")
+        self.judge = self._judge(settings)
+        self.recent: deque[float] = deque(maxlen=settings.batch_size)  # for the shift check
+        self.stats = LineStats(
+            resumed=len(self.journal.keys),
+            dropped=self.journal.dropped_lines,
+            calibrated=self.judge.calibrated,
+        )
         self.rolling = (
-            RollingScorer(musc, settings.batch_size, settings.threshold, settings.map_norm)
+            RollingScorer(musc, settings.batch_size, settings.map_norm, self.known_good)
             if settings.mode == "rolling"
             else None
         )
@@ -139,12 +171,22 @@ class Line:
             "engine": runner.description,
             "msm_precision": musc.precision.value,
             "musc": {"r_list": musc.r_list, "frac": musc.frac, "k_list": musc.k_list},
-            "threshold_rule": "fixed" if settings.threshold is not None else AUTO_RULE,
+            "threshold_basis": self.judge.basis,
+            "calibration": str(settings.calibration) if settings.calibration else None,
+            "known_good_parts": len(self.known_good) if self.known_good else 0,
             "map_norm": settings.map_norm,
         }
         self.sinks: list[Sink] = open_sinks(
             SinkSetup(settings.out_dir, self.journal, self.run_info), settings.sinks
         )
+
+    def _judge(self, settings: LineSettings) -> Judge:
+        """The user's threshold, else the calibration's, else one from the line's history."""
+        if settings.threshold is not None:
+            return FixedJudge(settings.threshold)
+        if self.known_good is not None:
+            return CalibratedJudge(self.known_good.calibration)
+        return HistoryJudge(self.journal.records())
 
     def run(self, stop: threading.Event | None = None) -> LineStats:
         """Until stopped (watch) or until the folder is done (once); returns the totals."""
@@ -228,7 +270,7 @@ class Line:
         items, self.in_hand = self.in_hand, []
         settings = self.settings
         self._timed_commit(
-            lambda: score_batch(items, self.musc, settings.threshold, settings.map_norm)
+            lambda: score_batch(items, self.musc, settings.map_norm, self.known_good)
         )
 
     def _timed_commit(self, score: Callable[[], list[Answer]]) -> None:
@@ -250,17 +292,20 @@ class Line:
             sink.commit(records, context)
 
     def _commit_answers(self, answers: list[Answer], score_ms: float) -> None:
-        """One commit of scored images: records with their visuals, through every sink."""
+        """One commit of scored images: verdicts, records and visuals, through every sink."""
         if not answers:
             return
         batch = self._current_batch()
         now = time.monotonic()
+        scores = [answer.score for answer in answers]
+        threshold = self.judge.threshold(scores)
+        self.recent.extend(scores)
+        shift = self.judge.shifted(list(self.recent), threshold)
         records = []
         for answer in answers:
             item = answer.item
-            overlay, mask = visual_paths(
-                batch, item.arrival.file, answer.mask_threshold is not None
-            )
+            verdict = label(answer.score, threshold)
+            overlay, mask = visual_paths(batch, item.arrival.file, threshold is not None)
             latency = (now - item.arrival.ready_at) * 1000
             self.stats.image_ms.append(latency)
             records.append(
@@ -269,8 +314,14 @@ class Line:
                     batch,
                     score=answer.score,
                     raw_score=answer.raw_score,
-                    label=label(answer.score, answer.threshold),
-                    threshold=answer.threshold,
+                    reference_score=answer.reference_score,
+                    label=verdict,
+                    threshold=threshold,
+                    threshold_basis=self.judge.basis,
+                    calibrated=self.judge.calibrated,
+                    shift=shift,
+                    repeated=answer.repeated,
+                    joined_references=self._offer(answer, verdict),
                     overlay=overlay,
                     mask=mask,
                     warning="; ".join(filter(None, (item.arrival.note, answer.warning))) or None,
@@ -282,9 +333,28 @@ class Line:
         batch_ms = (now - max(a.item.arrival.ready_at for a in answers)) * 1000
         answers_by_file = {answer.item.arrival.file: answer for answer in answers}
         self._commit(records, CommitContext(batch, answers_by_file, batch_ms))
-        self.stats.last_batch_ms = batch_ms
-        self.stats.scored += len(records)
-        self.stats.batches += 1
+        self.judge.observe(scores, [record.label for record in records])
+        self._count(records, batch_ms, threshold)
+
+    def _offer(self, answer: Answer, verdict: str | None) -> bool:
+        """--refresh-references: a clearly normal part may join the known-good references."""
+        if self.known_good is None or verdict != NORMAL:
+            return False
+        joined = Joined(
+            answer.item.arrival.file, answer.sets, answer.item.embedding, answer.raw_score
+        )
+        return self.known_good.offer(joined, answer.score)
+
+    def _count(self, records: list[ResultRecord], batch_ms: float, threshold: float | None) -> None:
+        stats = self.stats
+        stats.last_batch_ms = batch_ms
+        stats.scored += len(records)
+        stats.batches += 1
+        stats.anomalous += sum(r.label == ANOMALOUS for r in records)
+        stats.shifts += bool(records[0].shift)
+        stats.repeated += sum(r.repeated for r in records)
+        stats.joined += sum(r.joined_references for r in records)
+        stats.threshold = threshold
 
     def _commit_errors(self, failures: list[Arrival]) -> None:
         batch = self._current_batch()

@@ -51,10 +51,16 @@ class ResultRecord:
     sha256: str | None
     batch: StrictInt
     mode: str
-    score: float | None = None  # RsCIN score within the batch or window
-    raw_score: float | None = None  # max patch distance
+    score: float | None = None  # what the label is on, in patch-distance units (verdicts.md)
+    raw_score: float | None = None  # max mutual patch distance
+    reference_score: float | None = None  # max distance to the known-good parts (calibrated)
     label: str | None = None  # "anomalous", "normal", or None without a threshold
     threshold: float | None = None
+    threshold_basis: str | None = None  # "calibration", "history" or "fixed"
+    calibrated: bool = False  # False: the threshold is not from known-good parts
+    shift: bool = False  # this commit's scores left the normal band (verdicts.md)
+    repeated: bool = False  # a defect repeating on several parts (docs/verdicts.md)
+    joined_references: bool = False  # joined the known-good references (--refresh-references)
     overlay: str | None = None  # paths relative to the out folder
     mask: str | None = None
     timings: Timings = field(default_factory=Timings)

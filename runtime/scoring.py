@@ -4,6 +4,9 @@ Batch mode is MuSc as the paper runs it. Rolling mode answers each image on arri
 the last `window` images, which MuSc takes as references (they vote, they are not scored
 again); until the window holds a few images there is nothing to compare with, so the first
 images are held and scored together as one small batch. Both go through `MuSc` itself.
+With a calibration the known-good parts vote too, in every batch and window, and the score an
+image is judged by is its distance to them (docs/verdicts.md). Thresholds and labels are the
+line's judge's business (`verdicts.py`), not this module's.
 """
 
 from __future__ import annotations
@@ -15,9 +18,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from musc_edge.consistency import repeated_in_batch
 from musc_edge.musc import RELIABLE_BATCH, MuSc, MuScResult, References
 from musc_edge.runtime.camera import Arrival
-from musc_edge.runtime.threshold import pick_threshold, pixel_threshold
+from musc_edge.runtime.known_good import KnownGood
 from musc_edge.visualize import normalise_maps
 
 
@@ -35,16 +39,17 @@ class Item:
 
 @dataclass
 class Answer:
-    """One image's scores, maps and the threshold it was labelled against."""
+    """One image's scores and maps; the line's judge adds the threshold and the label."""
 
     item: Item
-    score: float  # RsCIN, [0, 1] within the batch or window
-    raw_score: float  # max of the patch map (a patch distance)
-    patch_map: torch.Tensor  # (h, h) patch distances
+    score: float  # what the verdict is on, in patch-distance units (docs/verdicts.md)
+    raw_score: float  # max of the mutual patch map
+    reference_score: float | None  # max distance to the known-good parts (calibrated)
+    patch_map: torch.Tensor  # (h, h) the map the score comes from
     heat: np.ndarray  # (h, h) in [0, 1], normalised per --map-norm
-    threshold: float | None  # on `score`
-    mask_threshold: float | None  # the same threshold on patch distances
+    repeated: bool = False  # the consistency guard flagged a defect repeating across parts
     warning: str | None = None
+    sets: list[torch.Tensor] | None = None  # pooled (L, C) per set, for the window and refresh
 
 
 def stack_items(items: list[Item]) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -61,29 +66,59 @@ def scored_quietly(score: Callable[[], MuScResult]) -> tuple[MuScResult, str | N
     return result, "; ".join(str(w.message) for w in caught) or None
 
 
-def score_batch(
-    items: list[Item], musc: MuSc, threshold: float | None, map_norm: str
+def answers_of(
+    items: list[Item],
+    sets: list[torch.Tensor],
+    result: MuScResult,
+    heat: np.ndarray,
+    warning: str | None,
 ) -> list[Answer]:
-    """Score the items mutually with MuSc."""
-    tokens, embeddings = stack_items(items)
-    result, warning = scored_quietly(lambda: musc.score(tokens, embeddings))
-    scores = result.scores.tolist()
-    chosen = pick_threshold(threshold, scores)
-    for_masks = pixel_threshold(chosen, result.raw_scores)
-    heat = normalise_maps(result.patch_maps.cpu().numpy(), map_norm)
+    """Answers from a MuSc result: the bank's score and map when there is a bank, else MSM's
+    (RsCIN-smoothed) score and map."""
+    calibrated = result.bank_maps is not None
+    scores, maps = result.verdict_scores, result.verdict_maps
     return [
-        Answer(item, score, raw, patch_map, item_heat, chosen, for_masks, warning)
-        for item, score, raw, patch_map, item_heat in zip(
-            items, scores, result.raw_scores.tolist(), result.patch_maps, heat, strict=True
+        Answer(
+            item,
+            float(scores[i]),
+            float(result.raw_scores[i]),
+            float(result.bank_scores[i]) if calibrated else None,
+            maps[i],
+            heat[i],
+            warning=warning,
+            sets=[z[i] for z in sets],
         )
+        for i, item in enumerate(items)
     ]
+
+
+def score_batch(
+    items: list[Item], musc: MuSc, map_norm: str, known_good: KnownGood | None = None
+) -> list[Answer]:
+    """Score the items mutually with MuSc (and against the known-good parts, if any)."""
+    tokens, embeddings = stack_items(items)
+    sets = musc.pool(tokens)
+    bank = known_good.references() if known_good else None
+    result, warning = scored_quietly(
+        lambda: musc.score_pooled(sets, embeddings, None, known_good=bank)
+    )
+    heat = normalise_maps(result.verdict_maps.cpu().numpy(), map_norm)
+    answers = answers_of(items, sets, result, heat, warning)
+    for answer, flagged in zip(answers, guard_flags(musc, sets), strict=True):
+        answer.repeated = bool(flagged)
+    return answers
+
+
+def guard_flags(musc: MuSc, sets: list[torch.Tensor]) -> list[bool]:
+    """The zero-shot repeated-defect guard over one batch (musc_edge/consistency.py)."""
+    return repeated_in_batch(sets, len(musc.r_list), musc.frac).tolist()
 
 
 class Window:
     """The last `size` answered images as ring buffers; slot order does not matter to MuSc.
 
     It keeps each image's pooled sets (layers x r of (L, C), in the similarity precision),
-    embedding, raw score, score and patch map.
+    embedding, raw score and patch map.
     """
 
     def __init__(self, size: int, dtype: torch.dtype) -> None:
@@ -95,13 +130,12 @@ class Window:
     def __len__(self) -> int:
         return min(self.count, self.size)
 
-    def push(self, sets: list[torch.Tensor], answer: Answer) -> None:
+    def push(self, answer: Answer) -> None:
         embedding = answer.item.embedding
         values = [
-            *(z.to(self.dtype) for z in sets),
+            *(z.to(self.dtype) for z in answer.sets),
             embedding,
             embedding.new_tensor(answer.raw_score),  # on the scoring device, like the rest
-            embedding.new_tensor(answer.score),
             answer.patch_map,
         ]
         if not self.buffers:
@@ -110,21 +144,23 @@ class Window:
             buffer[self.count % self.size] = value
         self.count += 1
 
-    def references(self) -> tuple[References, torch.Tensor, torch.Tensor]:
-        """The filled slots as MuSc references, plus their scores and patch maps."""
-        *sets, embeddings, raw, scores, maps = (buffer[: len(self)] for buffer in self.buffers)
-        return References(list(sets), embeddings, raw), scores, maps
+    def references(self) -> tuple[References, torch.Tensor]:
+        """The filled slots as MuSc references, plus their patch maps (for the heat scale)."""
+        *sets, embeddings, raw, maps = (buffer[: len(self)] for buffer in self.buffers)
+        return References(list(sets), embeddings, raw), maps
 
 
 class RollingScorer:
     """Answers each image against the last `window` images (see the module docstring)."""
 
-    def __init__(self, musc: MuSc, window: int, threshold: float | None, map_norm: str) -> None:
+    def __init__(
+        self, musc: MuSc, window: int, map_norm: str, known_good: KnownGood | None = None
+    ) -> None:
         self.musc = musc
         self.window = Window(window, musc.precision.dtype)
         self.warmup = min(RELIABLE_BATCH, window)
-        self.threshold = threshold
         self.map_norm = map_norm
+        self.known_good = known_good
         self.waiting: list[Item] = []
 
     def add(self, item: Item) -> list[Answer]:
@@ -133,9 +169,8 @@ class RollingScorer:
             self.waiting.append(item)
             return self.flush() if len(self.waiting) >= self.warmup else []
         tokens, embeddings = stack_items([item])
-        sets = self.musc.pool(tokens)
-        answer = self._answer(item, sets, embeddings)
-        self.window.push([z[0] for z in sets], answer)
+        answer = self._answer(item, self.musc.pool(tokens), embeddings)
+        self.window.push(answer)
         return [answer]
 
     def flush(self) -> list[Answer]:
@@ -143,27 +178,16 @@ class RollingScorer:
         if not self.waiting:
             return []
         items, self.waiting = self.waiting, []
-        answers = score_batch(items, self.musc, self.threshold, self.map_norm)
-        sets = self.musc.pool(stack_items(items)[0])
-        for index, answer in enumerate(answers):
-            self.window.push([z[index] for z in sets], answer)
+        answers = score_batch(items, self.musc, self.map_norm, self.known_good)
+        for answer in answers:
+            self.window.push(answer)
         return answers
 
     def _answer(self, item: Item, sets: list[torch.Tensor], embeddings: torch.Tensor) -> Answer:
-        references, scores, maps = self.window.references()
+        references, maps = self.window.references()
+        bank = self.known_good.references() if self.known_good else None
         result, warning = scored_quietly(
-            lambda: self.musc.score_pooled(sets, embeddings, references)
+            lambda: self.musc.score_pooled(sets, embeddings, references, known_good=bank)
         )
-        score = float(result.scores[0])
-        threshold = pick_threshold(self.threshold, [*scores.tolist(), score])
-        heat = normalise_maps(torch.cat([maps, result.patch_maps]).cpu().numpy(), self.map_norm)
-        return Answer(
-            item,
-            score,
-            float(result.raw_scores[0]),
-            result.patch_maps[0],
-            heat[-1],
-            threshold,
-            pixel_threshold(threshold, torch.cat([references.raw_scores, result.raw_scores])),
-            warning,
-        )
+        heat = normalise_maps(torch.cat([maps, result.verdict_maps]).cpu().numpy(), self.map_norm)
+        return answers_of([item], sets, result, heat[-1:], warning)[0]

@@ -45,9 +45,7 @@ def msm_f64(z: torch.Tensor, frac: float = 0.3) -> torch.Tensor:
 
 
 def rscin_f64(raw: torch.Tensor, embeddings: torch.Tensor, k_list) -> torch.Tensor:
-    raw = raw.double()
-    spread = raw.max() - raw.min()
-    s = (raw - raw.min()) / spread if spread > 0 else torch.zeros_like(raw)
+    s = raw.double()  # on the raw scale: the original's min-max would only rescale (verdicts.md)
     e = embeddings.double()
     e = e / e.norm(dim=-1, keepdim=True)
     w = e @ e.T

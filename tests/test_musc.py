@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from musc_edge import MuSc, MuScInputError
 from musc_edge.lnamd import lnamd
 from musc_edge.msm import mutual_scores
-from musc_edge.rscin import min_max, rscin
+from musc_edge.rscin import rscin
 from tests.oracle import musc_f64
 
 
@@ -85,11 +85,20 @@ def test_msm_equals_brute_force_distance_loop(budget_bytes: int) -> None:
     torch.testing.assert_close(mutual_scores(z, 0.3, budget_bytes), expected, atol=1e-5, rtol=0)
 
 
-def test_rscin_with_k1_is_identity_on_min_max_scores() -> None:
+def test_rscin_with_k1_is_identity_on_raw_scores() -> None:
     generator = torch.Generator().manual_seed(1)
     raw = torch.rand(10, generator=generator) * 5 + 2
     embeddings = torch.randn(10, 16, generator=generator)
-    torch.testing.assert_close(rscin(raw, embeddings, [1]), min_max(raw))
+    torch.testing.assert_close(rscin(raw, embeddings, [1]), raw)
+
+
+def test_rscin_commutes_with_an_affine_rescaling() -> None:
+    """Why the original's min-max can go: it would change the scale, never the ranking."""
+    generator = torch.Generator().manual_seed(2)
+    raw = torch.rand(12, generator=generator, dtype=torch.float64)
+    embeddings = torch.randn(12, 16, generator=generator)
+    rescaled = rscin(3.0 * raw - 0.5, embeddings, [1, 2, 3])
+    torch.testing.assert_close(rescaled, 3.0 * rscin(raw, embeddings, [1, 2, 3]) - 0.5)
 
 
 def test_image_order_does_not_change_results() -> None:

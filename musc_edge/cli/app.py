@@ -6,7 +6,9 @@ import typer
 
 from musc_edge.cli import (
     bench_cmd,
+    bench_line_cmd,
     bench_msm_cmd,
+    calibrate_cmd,
     demo_cmd,
     eval_cmd,
     export_cmd,
@@ -24,9 +26,11 @@ app = typer.Typer(
 )
 app.command("eval")(eval_cmd.evaluate)
 app.add_typer(weights_cmd.app, name="weights")
+app.command("calibrate")(calibrate_cmd.calibrate)
 app.command("run")(run_cmd.run)
 app.command("export")(export_cmd.export)
 app.add_typer(export_cmd.engine_app, name="engine")
 app.command("demo")(demo_cmd.demo)
 bench_cmd.app.command("msm")(bench_msm_cmd.bench_msm)
+bench_cmd.app.command("line")(bench_line_cmd.bench_line)
 app.add_typer(bench_cmd.app, name="bench")

@@ -39,6 +39,9 @@ def bench(
     compare_original: bool = typer.Option(
         False, "--compare-original", help="Also run the original approach on the same images."
     ),
+    calibration: Path | None = typer.Option(
+        None, "--calibration", help="Time with these known-good parts joining every batch."
+    ),
     json_out: Path | None = typer.Option(None, "--json", help="Write all figures as JSON."),
     csv_out: Path | None = typer.Option(None, "--csv", help="Write one row per stage as CSV."),
     plot: Path | None = typer.Option(None, "--plot", help="PNG of latency per image vs N."),
@@ -54,11 +57,20 @@ def bench(
         raise typer.BadParameter("--model is required (a folder written by musc-edge export)")
     if (images is None) == (not synthetic):
         raise typer.BadParameter("give exactly one of --images DIR and --synthetic")
+    if calibration is not None and compare_original:
+        raise typer.BadParameter(
+            "--compare-original compares the zero-shot pipelines; run it without --calibration"
+        )
     sizes = list(parse_int_list(sweep, "--sweep")) if sweep else [batch_size]
     with user_errors(), tempfile.TemporaryDirectory() as work:
         package = load_package(model)
         folder = images or write_synthetic(Path(work), max(sizes), package.image_size)
         ours = line_pipeline(package, engine.value, msm_precision.value)
+        if calibration is not None:
+            from musc_edge.calibration import load_calibration
+
+            known = load_calibration(calibration, package)
+            ours.known_good = known.references(ours.musc.precision.dtype)
         original = original_pipeline(package) if compare_original else None
         console.print(
             f"[bold]{package.backbone}[/] {package.image_size}px, engine "
@@ -68,6 +80,7 @@ def bench(
             "model": str(model),
             "engine": ours.name,
             "msm_precision": msm_precision.value,
+            "calibration": str(calibration) if calibration else None,
             "environment": environment(),
             "results": [],
         }

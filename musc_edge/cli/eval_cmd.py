@@ -8,11 +8,11 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from musc_edge.cli import options
 from musc_edge.cli.errors import user_errors
+from musc_edge.cli.progress import progress_bar
 from musc_edge.precision import Precision
 
 console = Console(soft_wrap=True)  # long paths stay whole in logs, whatever the width
@@ -24,6 +24,16 @@ def evaluate(
     category: str = typer.Option("all", "--category", "-c", help="A category, or all."),
     json_out: Path | None = typer.Option(None, "--json", help="Write metrics and scores here."),
     save_maps: Path | None = typer.Option(None, "--save-maps", help="Write heatmap PNGs here."),
+    shots: str | None = typer.Option(
+        None,
+        "--shots",
+        help="Few-shot: known-good references per category, e.g. 0,1,4,10 (0 = zero-shot).",
+    ),
+    references: Path | None = typer.Option(
+        None,
+        "--references",
+        help="Folder of known-good images for --shots (default CATEGORY/train/good).",
+    ),
     preset: str | None = options.Preset,
     backbone: str | None = options.Backbone,
     image_size: int | None = options.ImageSize,
@@ -54,26 +64,24 @@ def evaluate(
             f"{config.image_size}px, blocks {list(model.layers)}, {config.precision}, "
             f"weights {model.weights.source}"
         )
+        shot_counts = parse_shots(shots, references)
         reports = []
-        with Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            console=console,
-            transient=True,
-        ) as bar:
-            for name in categories:
-                task = bar.add_task(name, total=None)
+        with progress_bar(console) as bar:
+            for name, count in ((name, k) for name in categories for k in shot_counts):
+                label = f"{name} {count}-shot" if shots else name
+                task = bar.add_task(label, total=None)
 
-                def show(stage: str, done: int, total: int, task=task, name=name) -> None:
-                    bar.update(task, description=f"{name}: {stage}", completed=done, total=total)
+                def show(stage: str, done: int, total: int, task=task, label=label) -> None:
+                    bar.update(task, description=f"{label}: {stage}", completed=done, total=total)
 
-                reports.append(
-                    evaluate_category(
-                        name, samples[name], model.preprocess, extractor, musc, show, save_maps
-                    )
+                good = reference_features(
+                    references or root / name / "train" / "good", count, model, extractor
                 )
+                report = evaluate_category(
+                    name, samples[name], model.preprocess, extractor, musc, show, save_maps, good
+                )
+                report.shots = count
+                reports.append(report)
     print_table(reports)
     for report in reports:
         for failure in report.failures:
@@ -88,7 +96,7 @@ def evaluate(
                 "dataset": dataset,
                 "weights": asdict(model.weights),
             },
-            "categories": {r.category: asdict(r) for r in reports},
+            "categories": {report_key(r, shots): asdict(r) for r in reports},
             "mean": mean_metrics(reports),
             "seconds": elapsed,
         }
@@ -96,10 +104,44 @@ def evaluate(
         console.print(f"results written to {json_out}")
 
 
+def parse_shots(shots: str | None, references: Path | None) -> list[int]:
+    """--shots 0,1,4,10 -> [0, 1, 4, 10]; without --shots, zero-shot only."""
+    if shots is None:
+        if references is not None:
+            raise typer.BadParameter("--references is for few-shot runs: add --shots, e.g. 4")
+        return [0]
+    counts = [int(part) for part in shots.split(",") if part.strip().isdigit()]
+    if len(counts) != len([part for part in shots.split(",") if part.strip()]):
+        raise typer.BadParameter(f"--shots takes comma-separated counts >= 0, got {shots!r}")
+    return counts
+
+
+def reference_features(folder: Path, count: int, model, extractor):
+    """Features of the first `count` images of the known-good folder, or None for zero-shot."""
+    from musc_edge.datasets import DatasetError
+    from musc_edge.features import extract_features
+    from musc_edge.images import list_images
+
+    if count == 0:
+        return None
+    paths = list_images(folder)[:count] if folder.is_dir() else []
+    if len(paths) < count:
+        raise DatasetError(
+            f"{count}-shot needs {count} known-good images in {folder}, found {len(paths)}; "
+            "point --references at a folder of good parts (never test images)"
+        )
+    return extract_features(paths, model.preprocess, extractor)
+
+
+def report_key(report, shots: str | None) -> str:
+    return f"{report.category}/{report.shots}-shot" if shots else report.category
+
+
 def print_table(reports) -> None:
     """One row per category, metrics in percent, as in the paper's tables."""
     table = Table(
         "category",
+        "shots",
         "img AUROC",
         "img F1",
         "img AP",
@@ -120,6 +162,7 @@ def print_table(reports) -> None:
         ]
         table.add_row(
             r.category,
+            str(r.shots),
             *("-" if v is None else f"{v:.2f}" for v in cells),
             str(len(r.images)),
             f"{r.seconds:.1f}",

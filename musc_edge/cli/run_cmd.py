@@ -75,7 +75,17 @@ def run(
     threshold: str = typer.Option(
         "auto",
         "--threshold",
-        help="Score above which an image is anomalous, or auto (outlier rule per batch).",
+        help="Score above which a part is anomalous, or auto: the calibration's, else the "
+        "line's history.",
+    ),
+    calibration: Path | None = typer.Option(
+        None, "--calibration", help="Known-good parts from `musc-edge calibrate` (recommended)."
+    ),
+    refresh_references: int = typer.Option(
+        0,
+        "--refresh-references",
+        min=0,
+        help="Calibrated: let up to N recent clearly-normal parts join the references (drift).",
     ),
     map_norm: MapNorm = typer.Option(
         MapNorm.batch, "--map-norm", help="Heatmaps scaled over the batch or per image."
@@ -126,6 +136,8 @@ def run(
         max_wait=max_wait or None,
         sinks=tuple(sink),
         max_pixels=max_pixels,
+        calibration=calibration,
+        refresh_references=refresh_references,
     )
     # signals are taken from the start: a stop while the model loads ends the run cleanly
     with stop_on_signals() as stop, user_errors():
@@ -138,7 +150,7 @@ def run(
             f"[bold]musc-edge run[/] {camera_dir} -> {out_dir}\n"
             f"model {package.folder} ({package.backbone} at {package.image_size}px), "
             f"engine {runner.description}, {mode.value} mode, batch {batch_size}, "
-            f"{musc.precision.value}"
+            f"{musc.precision.value}\n{verdict_basis(line)}"
         )
         if line.stats.resumed or line.stats.dropped:
             dropped = line.stats.dropped
@@ -161,15 +173,44 @@ def run(
     console.print(f"results: {out_dir / 'results.jsonl'} and results.csv")
 
 
+def verdict_basis(line) -> str:
+    """Where the threshold comes from, said once at start; uncalibrated is said loudly."""
+    basis = line.judge.basis
+    if basis == "calibration":
+        known = line.known_good
+        return (
+            f"calibrated: {len(known)} known-good parts, threshold "
+            f"{known.calibration.threshold:.4f} ({100 * known.calibration.target_frr:g} % "
+            "false rejects expected)"
+        )
+    if basis == "fixed":
+        return f"threshold {line.judge.value} (fixed by --threshold; not calibrated)"
+    return (
+        "[bold yellow]UNCALIBRATED[/]: the threshold comes from this line's own history; "
+        "run `musc-edge calibrate` with known-good parts for verdicts you can trust"
+    )
+
+
 def status_line(stats) -> str:
-    """Images seen, scored, failed, pending and the latest latencies, on one line."""
+    """Images seen, scored, anomalous, failed, pending, flags and latencies, on one line."""
     parts = [
         f"batches {stats.batches}",
         f"seen {stats.seen}",
         f"scored {stats.scored}",
+        f"anomalous {stats.anomalous}",
         f"failed {stats.failed}",
         f"pending {stats.pending}",
     ]
+    if not stats.calibrated:
+        parts.append("uncalibrated")
+    if stats.threshold is not None:
+        parts.append(f"threshold {stats.threshold:.4f}")
+    if stats.shifts:
+        parts.append(f"SHIFT in {stats.shifts} commit(s)")
+    if stats.repeated:
+        parts.append(f"REPEATED defect on {stats.repeated} part(s)")
+    if stats.joined:
+        parts.append(f"{stats.joined} joined the references")
     if stats.last_batch_ms is not None:
         parts.append(f"last batch latency {stats.last_batch_ms:.0f} ms")
     if stats.image_ms:

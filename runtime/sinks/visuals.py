@@ -29,7 +29,7 @@ class VisualsSink:
             item = answer.item
             write_png(self.out_dir / record.overlay, overlay(item.preview, answer.heat))
             if record.mask is not None:
-                mask = pixel_map(answer.patch_map, item.shape) > answer.mask_threshold
+                mask = pixel_map(answer.patch_map, item.shape) > record.threshold
                 write_png(self.out_dir / record.mask, mask.astype(np.uint8) * 255)
 
     def flush(self) -> None:

@@ -1,0 +1,207 @@
+"""Teach-in: a bank of known-good parts, their score distribution and a threshold, in one file.
+
+A calibration is what lets a verdict mean the same thing on Monday and on Friday. It holds the
+known-good parts' pooled features (they join every batch and window as references, and each
+scored patch is measured against them), the leave-one-out scores of those parts (each one
+against all the others: what a good part scores) and the threshold for a target false-reject
+rate. It is bound to the model package it was made with: features of another backbone, size,
+preprocessing or MuSc setting mean nothing against it.
+
+The file is safetensors (no pickle): the pooled sets in float16 and the embeddings, with the
+rest as JSON in the header's metadata.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save
+
+from musc_edge.errors import MuscEdgeError
+from musc_edge.files import write_atomic
+from musc_edge.msm.nearest import nearest_distances
+from musc_edge.musc import MuSc, References
+from musc_edge.package import ModelPackage
+
+FORMAT = "musc-edge-calibration"
+FORMAT_VERSION = 1
+STORED_DTYPE = torch.float16  # unit vectors; the scores are computed from the stored values
+EULER_GAMMA = 0.5772156649
+MIN_PARTS = 5
+
+
+class CalibrationError(MuscEdgeError, ValueError):
+    """A calibration that cannot be made or used; the message says what to do."""
+
+
+def package_binding(package: ModelPackage) -> dict:
+    """What a calibration must match: the exported backbone, its input and MuSc's settings."""
+    model = package.artifacts.get("backbone.onnx", {}).get("sha256")
+    binding = {
+        "backbone": package.backbone,
+        "backbone_sha256": model or package.weights_sha256,
+        "image_size": package.image_size,
+        "layers": list(package.layers),
+        "preprocess": package.preprocess,
+        "musc": {key: package.musc[key] for key in ("r_list", "frac", "k_list")},
+    }
+    return json.loads(json.dumps(binding))  # as stored: tuples become lists
+
+
+def gumbel_threshold(scores: torch.Tensor, target_frr: float) -> float:
+    """The score a good part exceeds with probability `target_frr`.
+
+    An image score is the maximum over many patch distances, and maxima follow a Gumbel law;
+    its location and scale are fitted by moments to the good parts' scores. Measured on
+    bottle, a normal fit put the threshold below a quarter of the unseen good parts, this one
+    below none (docs/verdicts.md).
+    """
+    values = scores.double()
+    scale = float(values.std()) * math.sqrt(6) / math.pi
+    location = float(values.mean()) - EULER_GAMMA * scale
+    return location - scale * math.log(-math.log(1 - target_frr))
+
+
+@dataclass
+class Calibration:
+    """A known-good bank bound to a package, with the threshold derived from it."""
+
+    binding: dict
+    files: list[str]
+    sets: list[torch.Tensor]  # (R, L, C) per (layer, r), float16
+    embeddings: torch.Tensor  # (R, D)
+    mutual_scores: torch.Tensor  # (R,) raw MSM scores among the bank (RsCIN needs them)
+    scores: torch.Tensor  # (R,) leave-one-out distance of each part to the others
+    target_frr: float
+    threshold: float
+    info: dict = field(default_factory=dict)  # when and from where, for people
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def references(self, dtype: torch.dtype = torch.float32) -> References:
+        """The bank as MuSc references (voters that receive no score), in MSM's precision."""
+        return References([z.to(dtype) for z in self.sets], self.embeddings, self.mutual_scores)
+
+    def summary(self) -> dict:
+        """What the terminal and the docs report: parts, score spread, threshold, rates."""
+        scores = self.scores.double()
+        return {
+            "parts": len(self),
+            "score_median": float(scores.median()),
+            "score_min": float(scores.min()),
+            "score_max": float(scores.max()),
+            "threshold": self.threshold,
+            "target_frr": self.target_frr,
+            "leave_one_out_frr": float((scores > self.threshold).double().mean()),
+        }
+
+    def check_binding(self, package: ModelPackage, source: Path | str) -> None:
+        """Refuse a calibration made with another package, saying which setting differs."""
+        expected = package_binding(package)
+        differs = [key for key in expected if self.binding.get(key) != expected[key]]
+        if differs:
+            raise CalibrationError(
+                f"calibration {source} was made for another model package ({', '.join(differs)} "
+                f"differ from {package.folder}); run `musc-edge calibrate --model "
+                f"{package.folder}` again"
+            )
+
+
+def calibrate(
+    package: ModelPackage,
+    musc: MuSc,
+    tokens: list[torch.Tensor],
+    embeddings: torch.Tensor,
+    files: list[str],
+    target_frr: float = 0.01,
+) -> Calibration:
+    """A calibration from the known-good parts' backbone outputs."""
+    if not 0 < target_frr < 1:
+        raise CalibrationError(f"--target-frr must be between 0 and 1, got {target_frr}")
+    if len(files) < MIN_PARTS:
+        raise CalibrationError(
+            f"a calibration needs at least {MIN_PARTS} known-good parts, got {len(files)}"
+        )
+    sets = [z.to(STORED_DTYPE) for z in musc.pool(tokens)]
+    mutual = musc.score(tokens, embeddings).raw_scores
+    leave_one_out = sum(
+        nearest_distances(z, z, musc.precision.dtype, musc.budget_bytes, leave_out=True)
+        for z in sets
+    ) / len(sets)
+    scores = leave_one_out.amax(dim=1).float()
+    return Calibration(
+        package_binding(package),
+        files,
+        sets,
+        embeddings.float(),
+        mutual.float(),
+        scores,
+        target_frr,
+        gumbel_threshold(scores, target_frr),
+    )
+
+
+def save_calibration(calibration: Calibration, path: Path) -> None:
+    """Write the calibration as one safetensors file, atomically."""
+    tensors = {f"set_{i}": z.contiguous() for i, z in enumerate(calibration.sets)}
+    tensors |= {
+        "embeddings": calibration.embeddings.contiguous(),
+        "mutual_scores": calibration.mutual_scores.contiguous(),
+        "scores": calibration.scores.contiguous(),
+    }
+    header = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        **{
+            key: value
+            for key, value in asdict(calibration).items()
+            if not isinstance(value, torch.Tensor) and key != "sets"
+        },
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, save(tensors, metadata={"musc_edge": json.dumps(header)}))
+
+
+def load_calibration(path: Path, package: ModelPackage | None = None) -> Calibration:
+    """Read a calibration; with a package, refuse one made for another package."""
+    if not path.is_file():
+        raise CalibrationError(f"calibration {path} not found; make one with `musc-edge calibrate`")
+    try:
+        with safe_open(str(path), "pt") as handle:
+            header = json.loads((handle.metadata() or {}).get("musc_edge", "{}"))
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, json.JSONDecodeError, ValueError) as error:
+        raise CalibrationError(f"{path} is not a readable calibration file: {error}") from None
+    if header.get("format") != FORMAT:
+        raise CalibrationError(f"{path} is not a musc-edge calibration")
+    if header.get("format_version") != FORMAT_VERSION:
+        raise CalibrationError(
+            f"{path} has calibration format {header.get('format_version')}; this musc-edge "
+            f"reads {FORMAT_VERSION}. Run `musc-edge calibrate` again"
+        )
+    count = sum(1 for name in tensors if name.startswith("set_"))
+    try:
+        calibration = Calibration(
+            header["binding"],
+            header["files"],
+            [tensors[f"set_{i}"] for i in range(count)],
+            tensors["embeddings"],
+            tensors["mutual_scores"],
+            tensors["scores"],
+            header["target_frr"],
+            header["threshold"],
+            header.get("info", {}),
+        )
+    except KeyError as missing:
+        raise CalibrationError(
+            f"{path} lacks {missing}; it was damaged or not written by musc-edge calibrate"
+        ) from None
+    if package is not None:
+        calibration.check_binding(package, path)
+    return calibration

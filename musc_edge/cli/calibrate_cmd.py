@@ -1,0 +1,89 @@
+"""`musc-edge calibrate`: teach a model package what good parts look like."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from musc_edge.cli import options
+from musc_edge.cli.errors import user_errors
+from musc_edge.cli.progress import progress_bar
+
+console = Console(soft_wrap=True)  # long paths stay whole in logs, whatever the width
+
+
+def calibrate(
+    model: Path = typer.Option(..., "--model", help="Model package folder (musc-edge export)."),
+    good: Path = typer.Option(..., "--good", help="Folder of known-good part images (5 or more)."),
+    out: Path = typer.Option(..., "--out", help="Calibration file to write (.safetensors)."),
+    parts: int | None = typer.Option(
+        None, "--parts", min=1, help="Use only the first N images of --good (sorted by name)."
+    ),
+    target_frr: float = typer.Option(
+        0.01, "--target-frr", help="False-reject rate the threshold is set for (0.01 = 1 %)."
+    ),
+    engine: options.Engine = options.EngineOpt,
+    allow_random_init: bool = typer.Option(
+        False, "--allow-random-init", help="Torch engine: accept a random-weights package (tests)."
+    ),
+) -> None:
+    """Store the good parts' features, their score spread and a threshold, bound to MODEL.
+
+    `musc-edge run --calibration OUT` then judges every part against these parts, with one
+    threshold for every batch (docs/verdicts.md).
+    """
+    from musc_edge.calibration import (
+        MIN_PARTS,
+        CalibrationError,
+        calibrate,
+        save_calibration,
+    )
+    from musc_edge.features import extract_features
+    from musc_edge.images import list_images
+    from musc_edge.musc import MuSc
+    from musc_edge.package import load_package
+    from musc_edge.runtime.record import utc_now
+    from musc_edge.runtime.runners import open_runner
+
+    with user_errors():
+        if not good.is_dir():
+            raise CalibrationError(f"--good {good} is not a folder of images")
+        paths = list_images(good)[:parts]
+        if len(paths) < MIN_PARTS:
+            raise CalibrationError(
+                f"{good} holds {len(paths)} images; a calibration needs at least {MIN_PARTS}"
+            )
+        package = load_package(model)
+        runner = open_runner(package, engine.value, allow_random_init)
+        musc = MuSc.from_settings(package.musc)
+        console.print(f"calibrating {package.folder} on {len(paths)} parts from {good}")
+        with progress_bar(console) as bar:
+            task = bar.add_task("features", total=len(paths))
+            features = extract_features(
+                paths,
+                package.preprocessing(),
+                runner,
+                batch_size=package.max_batch,
+                on_batch=lambda count: bar.advance(task, count),
+            )
+            bar.update(task, description="scoring the parts against each other")
+            files = [str(path.relative_to(good)) for path in features.paths]
+            result = calibrate(
+                package, musc, features.tokens, features.embeddings, files, target_frr
+            )
+        result.info = {"good": str(good.resolve()), "created": utc_now()}
+        result.info["engine"] = runner.description
+        save_calibration(result, out)
+    for failure in features.failures:
+        console.print(f"[yellow]skipped[/] {failure.path}: {failure.error}")
+    summary = result.summary()
+    console.print(
+        f"{summary['parts']} known-good parts; their scores {summary['score_min']:.4f} to "
+        f"{summary['score_max']:.4f} (median {summary['score_median']:.4f})\n"
+        f"threshold {summary['threshold']:.4f} for a false-reject rate of "
+        f"{100 * target_frr:g} %; {100 * summary['leave_one_out_frr']:.1f} % of these parts "
+        "score above it when each is held out\n"
+        f"written to {out}"
+    )

@@ -1,0 +1,67 @@
+"""The known-good references of a calibrated line, optionally refreshed as the shift goes on.
+
+Light drifts over a shift and parts vary from lot to lot; with `--refresh-references N` the
+line lets up to N recent parts join the calibration's parts as references, and only parts
+answered normal by a clear margin (a score at most halfway from the typical known-good part's
+to the threshold), so no part near the threshold, and no defect, can teach the line that it
+is normal. The newest N
+are kept; the calibration's own parts always stay, and the threshold stays the calibration's.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+
+from musc_edge.calibration import Calibration
+from musc_edge.musc import References
+
+MARGIN = 0.5  # a joining part scores at most halfway from the typical good part to the threshold
+
+
+@dataclass
+class Joined:
+    """A part that joined the references: its pooled sets, embedding and mutual score."""
+
+    file: str
+    sets: list[torch.Tensor]
+    embedding: torch.Tensor
+    raw_score: float
+
+
+class KnownGood:
+    """The calibration's parts plus up to `refresh` recent parts answered clearly normal."""
+
+    def __init__(
+        self, calibration: Calibration, refresh: int = 0, dtype: torch.dtype = torch.float32
+    ) -> None:
+        self.calibration = calibration
+        self.base = calibration.references(dtype)
+        typical = float(calibration.scores.median())
+        self.margin = typical + MARGIN * (calibration.threshold - typical)
+        self.joined: deque[Joined] = deque(maxlen=max(refresh, 0) or None)
+        self.refresh = refresh
+        self.total_joined = 0
+
+    def __len__(self) -> int:
+        return len(self.base) + len(self.joined)
+
+    def references(self) -> References:
+        if not self.joined:
+            return self.base
+        extra = References(
+            [torch.stack(z) for z in zip(*(j.sets for j in self.joined), strict=True)],
+            torch.stack([j.embedding for j in self.joined]),
+            torch.tensor([j.raw_score for j in self.joined]),
+        )
+        return self.base.join(extra)
+
+    def offer(self, joined: Joined, score: float) -> bool:
+        """Let a part join if refreshing is on and it scored at or below the margin."""
+        if self.refresh <= 0 or score > self.margin:
+            return False
+        self.joined.append(joined)
+        self.total_joined += 1
+        return True

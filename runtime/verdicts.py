@@ -1,0 +1,116 @@
+"""Who sets the threshold a part is judged against, and when the line's scores have shifted.
+
+Scores are in patch-distance units whatever the batch (docs/verdicts.md), so a threshold can
+outlive a batch. It comes from one of three places, each a `Judge`:
+
+- a calibration (`--calibration`): the known-good parts' threshold for the target false-reject
+  rate, fixed for the run;
+- the line's history (no calibration): a robust outlier rule over the scores of the parts this
+  line has answered normal, rebuilt from the journal at every start, so a burst of bad parts
+  cannot raise it and a restart keeps it; every record says it is uncalibrated;
+- the user (`--threshold X`).
+
+A commit whose median score lies outside the judge's normal band is flagged as a shift: more
+than half of the parts look unlike the normal ones (a fault burst, a new product, lighting).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable, Sequence
+from statistics import median
+
+from musc_edge.calibration import Calibration
+from musc_edge.musc import RELIABLE_BATCH
+from musc_edge.robust import OUTLIER_Z, outlier_threshold, robust_band
+from musc_edge.runtime.record import ResultRecord
+
+HISTORY_SIZE = 2000  # normal scores kept: the last shift or so, so the rule follows slow drift
+ANOMALOUS, NORMAL = "anomalous", "normal"
+
+
+def label(score: float, threshold: float | None) -> str | None:
+    """ "anomalous" above the threshold, "normal" at or below it, None without a threshold."""
+    if threshold is None:
+        return None
+    return ANOMALOUS if score > threshold else NORMAL
+
+
+class Judge:
+    """The threshold for a commit's scores and the normal band a shift is measured against."""
+
+    basis = "none"
+    calibrated = False
+
+    def threshold(self, scores: Sequence[float]) -> float | None:
+        raise NotImplementedError
+
+    def band(self) -> tuple[float, float] | None:
+        """(centre, spread) of normal scores, or None while nothing is known."""
+        return None
+
+    def observe(self, scores: Sequence[float], labels: Sequence[str | None]) -> None:
+        """Learn from a committed group of answers (the history judge keeps the normal ones)."""
+
+    def shifted(self, scores: Sequence[float], threshold: float | None) -> bool:
+        """True when the median of `scores` is above the threshold or far below normal."""
+        band = self.band()
+        if band is None or threshold is None or not scores:
+            return False
+        centre, spread = band
+        middle = median(scores)
+        return middle > threshold or middle < centre - OUTLIER_Z * spread
+
+
+class FixedJudge(Judge):
+    """The user's threshold; nothing to learn, no normal band."""
+
+    basis = "fixed"
+
+    def __init__(self, value: float) -> None:
+        self.value = value
+
+    def threshold(self, scores: Sequence[float]) -> float | None:
+        return self.value
+
+
+class CalibratedJudge(Judge):
+    """The calibration's threshold and the band of its known-good parts' scores."""
+
+    basis = "calibration"
+    calibrated = True
+
+    def __init__(self, calibration: Calibration) -> None:
+        self.value = calibration.threshold
+        self.centre, self.spread = robust_band(calibration.scores.tolist())
+
+    def threshold(self, scores: Sequence[float]) -> float | None:
+        return self.value
+
+    def band(self) -> tuple[float, float]:
+        return self.centre, self.spread
+
+
+class HistoryJudge(Judge):
+    """Median + 3.5 sigma (from the MAD) of the scores this line has answered normal."""
+
+    basis = "history"
+
+    def __init__(self, records: Iterable[ResultRecord] = ()) -> None:
+        self.normal: deque[float] = deque(maxlen=HISTORY_SIZE)
+        for record in records:
+            if record.threshold_basis == self.basis and record.label == NORMAL:
+                self.normal.append(record.score)
+
+    def threshold(self, scores: Sequence[float]) -> float | None:
+        """From the history; until it holds a few parts, the outlier rule over these scores."""
+        known = list(self.normal)
+        if len(known) < max(len(scores), RELIABLE_BATCH):
+            return outlier_threshold([*known, *scores])
+        return outlier_threshold(known)
+
+    def band(self) -> tuple[float, float] | None:
+        return robust_band(self.normal) if len(self.normal) >= RELIABLE_BATCH else None
+
+    def observe(self, scores: Sequence[float], labels: Sequence[str | None]) -> None:
+        self.normal.extend(s for s, lab in zip(scores, labels, strict=True) if lab == NORMAL)

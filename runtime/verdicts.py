@@ -25,6 +25,7 @@ from musc_edge.musc import RELIABLE_BATCH
 from musc_edge.robust import OUTLIER_Z, outlier_threshold, robust_band
 from musc_edge.runtime.record import ResultRecord
 
+HISTORY_MIN = 2 * RELIABLE_BATCH  # normal parts before the history alone sets the threshold
 HISTORY_SIZE = 2000  # normal scores kept: the last shift or so, so the rule follows slow drift
 ANOMALOUS, NORMAL = "anomalous", "normal"
 
@@ -103,9 +104,9 @@ class HistoryJudge(Judge):
                 self.normal.append(record.score)
 
     def threshold(self, scores: Sequence[float]) -> float | None:
-        """From the history; until it holds a few parts, the outlier rule over these scores."""
+        """From the history; until it holds 10 normal parts, the rule over history and batch."""
         known = list(self.normal)
-        if len(known) < max(len(scores), RELIABLE_BATCH):
+        if len(known) < HISTORY_MIN:
             return outlier_threshold([*known, *scores])
         return outlier_threshold(known)
 

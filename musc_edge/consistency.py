@@ -21,7 +21,7 @@ import math
 import torch
 
 from musc_edge.msm.plan import neighbour_count
-from musc_edge.robust import MAD_TO_SIGMA, OUTLIER_Z
+from musc_edge.robust import outlier_threshold
 
 MIN_GROUP = 3  # flagged images that must peak at the same place
 
@@ -44,9 +44,10 @@ def consistency_scores(z: torch.Tensor, frac: float) -> tuple[torch.Tensor, torc
 
 def repeated_group(values: torch.Tensor, places: torch.Tensor, side: int) -> torch.Tensor:
     """(N,) bool: outliers of the batch that peak within one patch of two or more others."""
-    middle = values.median()
-    spread = MAD_TO_SIGMA * (values - middle).abs().median()
-    outliers = values > middle + OUTLIER_Z * spread
+    limit = outlier_threshold(values.tolist())
+    if limit is None:
+        return torch.zeros_like(values, dtype=torch.bool)
+    outliers = values > limit
     rows, cols = places // side, places % side
     near = ((rows[:, None] - rows[None]).abs() <= 1) & ((cols[:, None] - cols[None]).abs() <= 1)
     near &= outliers[:, None] & outliers[None]

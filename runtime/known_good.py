@@ -4,8 +4,8 @@ Light drifts over a shift and parts vary from lot to lot; with `--refresh-refere
 line lets up to N recent parts join the calibration's parts as references, and only parts
 answered normal by a clear margin (a score at most halfway from the typical known-good part's
 to the threshold), so no part near the threshold, and no defect, can teach the line that it
-is normal. The newest N
-are kept; the calibration's own parts always stay, and the threshold stays the calibration's.
+is normal. The newest N are kept; the calibration's own parts always stay, and the threshold
+stays the calibration's.
 """
 
 from __future__ import annotations
@@ -44,13 +44,15 @@ class KnownGood:
         self.joined: deque[Joined] = deque(maxlen=max(refresh, 0) or None)
         self.refresh = refresh
         self.total_joined = 0
+        self.current = self.base  # rebuilt only when a part joins, not for every answer
 
     def __len__(self) -> int:
         return len(self.base) + len(self.joined)
 
     def references(self) -> References:
-        if not self.joined:
-            return self.base
+        return self.current
+
+    def _rebuild(self) -> References:
         extra = References(
             [torch.stack(z) for z in zip(*(j.sets for j in self.joined), strict=True)],
             torch.stack([j.embedding for j in self.joined]),
@@ -64,4 +66,5 @@ class KnownGood:
             return False
         self.joined.append(joined)
         self.total_joined += 1
+        self.current = self._rebuild()
         return True

@@ -22,9 +22,8 @@ from musc_edge.musc import MuSc
 from musc_edge.package import ModelPackage
 from musc_edge.runtime.line import Line, LineSettings
 from musc_edge.runtime.runners import Runner
+from musc_edge.runtime.verdicts import ANOMALOUS
 from musc_edge.streams import Part, brightness_ramp, labelled_split, repeated_fault, write_stream
-
-ANOMALOUS = "anomalous"
 
 
 @dataclass(frozen=True)

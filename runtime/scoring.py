@@ -75,14 +75,13 @@ def answers_of(
 ) -> list[Answer]:
     """Answers from a MuSc result: the bank's score and map when there is a bank, else MSM's
     (RsCIN-smoothed) score and map."""
-    calibrated = result.bank_maps is not None
-    scores, maps = result.verdict_scores, result.verdict_maps
+    scores, maps, bank = result.verdict_scores, result.verdict_maps, result.bank_scores
     return [
         Answer(
             item,
             float(scores[i]),
             float(result.raw_scores[i]),
-            float(result.bank_scores[i]) if calibrated else None,
+            None if bank is None else float(bank[i]),
             maps[i],
             heat[i],
             warning=warning,

@@ -31,7 +31,7 @@ from musc_edge.runtime.outputs import preview, set_aside, visual_paths
 from musc_edge.runtime.record import ResultRecord, Timings
 from musc_edge.runtime.runners import Runner
 from musc_edge.runtime.scoring import Answer, Item, RollingScorer, score_batch
-from musc_edge.runtime.sinks import CommitContext, Sink, SinkSetup, open_sinks
+from musc_edge.runtime.sinks import CommitContext, Sink, SinkSetup, SinkSpecs, open_sinks
 from musc_edge.runtime.verdicts import (
     ANOMALOUS,
     NORMAL,
@@ -62,7 +62,7 @@ class LineSettings:
     settle: float = 1.0
     decode_timeout: float = 10.0
     max_wait: float | None = 60.0  # watch, batch mode: score a partial batch this old
-    sinks: tuple[str, ...] = ()  # extra sinks by registered name, after the built-in ones
+    sinks: SinkSpecs = field(default_factory=dict)  # extra sinks: name -> options, in order
     max_pixels: int = DEFAULT_MAX_PIXELS  # images declaring more are refused undecoded
 
 

@@ -6,6 +6,7 @@ the entry of a batch manifest, so adding a field here adds it everywhere at once
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from typing import Any
@@ -76,8 +77,19 @@ class ResultRecord:
         """What identifies the file version answered: name, size, mtime, ctime."""
         return self.file, self.size, self.mtime_ns, self.ctime_ns
 
+    @property
+    def record_id(self) -> str:
+        """A stable id of this answer: the same after a crash and a re-score of the same file
+        version, so a receiver can drop a record it has already had."""
+        text = "\0".join(str(part) for part in self.key)
+        return hashlib.sha256(text.encode()).hexdigest()[:24]
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def message(self) -> dict[str, Any]:
+        """What network sinks send: the stored record with its stable `id` first."""
+        return {"id": self.record_id, **self.to_dict()}
 
     @classmethod
     def from_dict(cls, data: object) -> ResultRecord:

@@ -107,7 +107,9 @@ def run(
         DEFAULT_MAX_PIXELS, "--max-pixels", min=1, help="Refuse images declaring more pixels."
     ),
     sink: list[str] = typer.Option(
-        [], "--sink", help="Extra result sink by registered name (repeatable), after the files."
+        [],
+        "--sink",
+        help="Extra result sink, NAME or NAME:KEY=VALUE,... (repeatable): mqtt, webhook, opcua.",
     ),
 ) -> None:
     """Watch a camera folder; write scores, overlays and masks as images arrive.
@@ -120,6 +122,7 @@ def run(
     from musc_edge.package import load_package
     from musc_edge.runtime.line import Line, LineSettings
     from musc_edge.runtime.runners import open_runner
+    from musc_edge.runtime.sinks import parse_sink_spec
 
     out_dir = out or default_out(camera_dir)
     settings = LineSettings(
@@ -134,7 +137,7 @@ def run(
         settle=settle,
         decode_timeout=decode_timeout,
         max_wait=max_wait or None,
-        sinks=tuple(sink),
+        sinks=dict(parse_sink_spec(text) for text in sink),
         max_pixels=max_pixels,
         calibration=calibration,
         refresh_references=refresh_references,

@@ -7,20 +7,26 @@ sinks in one fixed order. The order is what makes a crash safe, and it is stated
 2. `journal`: results.jsonl, the single source of truth, one fsync'd write per commit;
 3. `table`: results.csv, derived from the journal (rebuilt from it at every start);
 4. `manifest`: the batch's manifest.json, repaired from the journal at start;
-5. then every extra sink asked for (`--sink NAME`), in the order given.
+5. then every extra sink asked for (`--sink NAME[:KEY=VALUE,...]` or the line config's
+   `sinks:` section), in the order given.
 
 Whatever the journal lacks after a crash is scored again and rewritten by every sink;
 whatever it holds is never scored again. A new sink is one module with a class that has
 `commit`, `flush` and `close`, registered with `@register_sink("name")`; `Line` needs no edit.
+A sink with settings reads them from `SinkSetup.options` through `sink_options`, which checks
+them against the sink's own pydantic model, so a typo is refused with the valid names.
+Network sinks deliver through `musc_edge.runtime.sinks.outbox`, so an outage loses nothing.
 """
 
 from __future__ import annotations
 
 import importlib
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+
+from pydantic import BaseModel, ValidationError
 
 from musc_edge.errors import UsageError
 from musc_edge.runtime.record import ResultRecord
@@ -43,11 +49,14 @@ class CommitContext:
 
 @dataclass
 class SinkSetup:
-    """What a sink factory may use: the out folder, the journal (recovered) and run facts."""
+    """What a sink factory may use: the out folder, the journal (recovered), run facts and
+    the sink's own options (from `--sink NAME:KEY=VALUE` or the line config)."""
 
     out_dir: Path
     journal: Journal
     run_info: dict[str, Any]
+    name: str = ""
+    options: Mapping[str, Any] = field(default_factory=dict)
 
 
 class Sink(Protocol):
@@ -61,9 +70,13 @@ class Sink(Protocol):
 
 
 SinkFactory = Callable[[SinkSetup], Sink]
+SinkSpecs = Mapping[str, Mapping[str, Any]]  # extra sinks by name -> their options, in order
+Options = TypeVar("Options", bound=BaseModel)
 SINKS: dict[str, SinkFactory] = {}
-# built-in sinks live in these modules and register themselves when imported
-_MODULES = {name: f"musc_edge.runtime.sinks.{name}" for name in CRASH_SAFE_ORDER}
+# built-in sinks live in modules of their own name and register themselves when imported;
+# the network ones are imported only when asked for, so the lean runtime does not need them
+NETWORK_SINKS = ("mqtt", "webhook", "opcua")
+_MODULES = {name: f"musc_edge.runtime.sinks.{name}" for name in CRASH_SAFE_ORDER + NETWORK_SINKS}
 
 
 def register_sink(name: str) -> Callable[[SinkFactory], SinkFactory]:
@@ -76,6 +89,33 @@ def register_sink(name: str) -> Callable[[SinkFactory], SinkFactory]:
     return add
 
 
+def parse_sink_spec(text: str) -> tuple[str, dict[str, str]]:
+    """`NAME` or `NAME:KEY=VALUE,KEY=VALUE` (the `--sink` form) -> name and raw options."""
+    name, _, rest = text.partition(":")
+    options: dict[str, str] = {}
+    for pair in filter(None, (part.strip() for part in rest.split(","))):
+        key, equals, value = pair.partition("=")
+        if not equals or not key.strip():
+            raise UsageError(f"--sink {text}: options are KEY=VALUE separated by commas")
+        options[key.strip()] = value.strip()
+    if not name.strip():
+        raise UsageError(f"--sink {text!r}: the sink's name comes first (e.g. mqtt:host=broker)")
+    return name.strip(), options
+
+
+def sink_options(model: type[Options], setup: SinkSetup) -> Options:
+    """The sink's options checked against its pydantic model: one line naming what is wrong."""
+    try:
+        return model.model_validate(dict(setup.options))
+    except ValidationError as error:
+        problem = error.errors()[0]
+        where = ".".join(str(part) for part in problem["loc"]) or "options"
+        known = ", ".join(model.model_fields)
+        raise UsageError(
+            f"sink {setup.name}: {where}: {problem['msg']} (its options: {known})"
+        ) from None
+
+
 def sink_names(extra: Sequence[str] = ()) -> list[str]:
     """The crash-safe built-ins, then the extra sinks in the order given, each once."""
     names = list(CRASH_SAFE_ORDER)
@@ -83,11 +123,37 @@ def sink_names(extra: Sequence[str] = ()) -> list[str]:
     return names
 
 
-def open_sinks(setup: SinkSetup, extra: Sequence[str] = ()) -> list[Sink]:
-    """Instantiate the built-in sinks and the extra ones, in the order they are called."""
-    for module in _MODULES.values():
-        importlib.import_module(module)
-    unknown = [name for name in extra if name not in SINKS]
+def _import_builtin(name: str) -> None:
+    """Register a built-in sink by importing its module; a missing extra is a one-line error."""
+    if name in SINKS or name not in _MODULES:
+        return
+    try:
+        importlib.import_module(_MODULES[name])
+    except ModuleNotFoundError as error:
+        if error.name and error.name.startswith("musc_edge"):
+            raise
+        raise UsageError(
+            f"sink {name} needs the Python package {error.name}: pip install 'musc-edge[line]'"
+        ) from None
+
+
+def open_sinks(setup: SinkSetup, extra: SinkSpecs | Sequence[str] = ()) -> list[Sink]:
+    """Instantiate the built-in sinks and the extra ones, in the order they are called.
+
+    If one fails to open, those already open are closed, so no thread or socket is left."""
+    specs = extra if isinstance(extra, Mapping) else {name: {} for name in extra}
+    for name in sink_names(list(specs)):
+        _import_builtin(name)
+    unknown = [name for name in specs if name not in SINKS]
     if unknown:
         raise UsageError(f"unknown sink {', '.join(unknown)}; registered sinks: {', '.join(SINKS)}")
-    return [SINKS[name](setup) for name in sink_names(extra)]
+    opened: list[Sink] = []
+    try:
+        for name in sink_names(list(specs)):
+            options = specs.get(name, {})
+            opened.append(SINKS[name](replace(setup, name=name, options=options)))
+    except BaseException:
+        for sink in reversed(opened):
+            sink.close()
+        raise
+    return opened

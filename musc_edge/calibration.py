@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save
 from musc_edge.errors import MuscEdgeError
 from musc_edge.files import write_atomic
 from musc_edge.msm.nearest import nearest_distances
-from musc_edge.musc import MuSc, References
+from musc_edge.musc import MuSc, Positional, References
 from musc_edge.package import ModelPackage
 
 FORMAT = "musc-edge-calibration"
@@ -33,6 +33,7 @@ FORMAT_VERSION = 1
 STORED_DTYPE = torch.float16  # unit vectors; the scores are computed from the stored values
 EULER_GAMMA = 0.5772156649
 MIN_PARTS = 5
+SPREAD_FLOOR = 1e-3  # distance units: a position that never varies still has some spread
 
 
 class CalibrationError(MuscEdgeError, ValueError):
@@ -80,19 +81,26 @@ class Calibration:
     target_frr: float
     threshold: float
     info: dict = field(default_factory=dict)  # when and from where, for people
+    positional: Positional | None = None  # --aligned: scores in units of each position's spread
 
     def __len__(self) -> int:
         return len(self.files)
 
+    @property
+    def aligned(self) -> bool:
+        return self.positional is not None
+
     def references(self, dtype: torch.dtype = torch.float32) -> References:
         """The bank as MuSc references (voters that receive no score), in MSM's precision."""
-        return References([z.to(dtype) for z in self.sets], self.embeddings, self.mutual_scores)
+        sets = [z.to(dtype) for z in self.sets]
+        return References(sets, self.embeddings, self.mutual_scores, self.positional)
 
     def summary(self) -> dict:
         """What the terminal and the docs report: parts, score spread, threshold, rates."""
         scores = self.scores.double()
         return {
             "parts": len(self),
+            "aligned": self.aligned,
             "score_median": float(scores.median()),
             "score_min": float(scores.min()),
             "score_max": float(scores.max()),
@@ -120,8 +128,13 @@ def calibrate(
     embeddings: torch.Tensor,
     files: list[str],
     target_frr: float = 0.01,
+    aligned: bool = False,
 ) -> Calibration:
-    """A calibration from the known-good parts' backbone outputs."""
+    """A calibration from the known-good parts' backbone outputs.
+
+    `aligned` (parts held in a fixture): each position is judged against its own spread on
+    the good parts, which also catches a defect that repeats at one place (docs/verdicts.md).
+    """
     if not 0 < target_frr < 1:
         raise CalibrationError(f"--target-frr must be between 0 and 1, got {target_frr}")
     if len(files) < MIN_PARTS:
@@ -130,11 +143,12 @@ def calibrate(
         )
     sets = [z.to(STORED_DTYPE) for z in musc.pool(tokens)]
     mutual = musc.score(tokens, embeddings).raw_scores
-    leave_one_out = sum(
-        nearest_distances(z, z, musc.precision.dtype, musc.budget_bytes, leave_out=True)
+    held_out = [
+        nearest_distances(z, z, musc.precision.dtype, musc.budget_bytes, leave_out=True).float()
         for z in sets
-    ) / len(sets)
-    scores = leave_one_out.amax(dim=1).float()
+    ]
+    positional = positional_spread(held_out) if aligned else None
+    scores = held_out_scores(held_out, aligned)
     return Calibration(
         package_binding(package),
         files,
@@ -144,7 +158,32 @@ def calibrate(
         scores,
         target_frr,
         gumbel_threshold(scores, target_frr),
+        positional=positional,
     )
+
+
+def positional_spread(held_out: list[torch.Tensor]) -> Positional:
+    """Mean and spread, per position, of the good parts' held-out distances, per set."""
+    centre = [d.mean(dim=0) for d in held_out]
+    spread = [d.std(dim=0).clamp_min(SPREAD_FLOOR) for d in held_out]
+    return Positional(centre, spread)
+
+
+def held_out_scores(held_out: list[torch.Tensor], aligned: bool) -> torch.Tensor:
+    """(R,) what each good part scores against the others, on the scale the line scores on.
+
+    Aligned: each part is standardised by the spread of the other parts only, so a part's
+    own oddity does not widen the spread it is measured against."""
+    if not aligned:
+        return (sum(held_out) / len(held_out)).amax(dim=1)
+    count = held_out[0].shape[0]
+    scores = []
+    for index in range(count):
+        others = [i for i in range(count) if i != index]
+        spread = positional_spread([d[others] for d in held_out])
+        maps = [spread.standardise(d[index : index + 1], s) for s, d in enumerate(held_out)]
+        scores.append((sum(maps) / len(maps)).amax())
+    return torch.stack(scores).float()
 
 
 def save_calibration(calibration: Calibration, path: Path) -> None:
@@ -155,17 +194,32 @@ def save_calibration(calibration: Calibration, path: Path) -> None:
         "mutual_scores": calibration.mutual_scores.contiguous(),
         "scores": calibration.scores.contiguous(),
     }
+    if calibration.positional is not None:
+        for i, (centre, spread) in enumerate(
+            zip(calibration.positional.centre, calibration.positional.spread, strict=True)
+        ):
+            tensors |= {f"centre_{i}": centre.contiguous(), f"spread_{i}": spread.contiguous()}
     header = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         **{
             key: value
             for key, value in asdict(calibration).items()
-            if not isinstance(value, torch.Tensor) and key != "sets"
+            if not isinstance(value, torch.Tensor) and key not in ("sets", "positional")
         },
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, save(tensors, metadata={"musc_edge": json.dumps(header)}))
+
+
+def stored_positional(tensors: dict[str, torch.Tensor], count: int) -> Positional | None:
+    """The positional spread of an aligned calibration, None for one that is not aligned."""
+    if "centre_0" not in tensors:
+        return None
+    return Positional(
+        [tensors[f"centre_{i}"] for i in range(count)],
+        [tensors[f"spread_{i}"] for i in range(count)],
+    )
 
 
 def load_calibration(path: Path, package: ModelPackage | None = None) -> Calibration:
@@ -197,6 +251,7 @@ def load_calibration(path: Path, package: ModelPackage | None = None) -> Calibra
             header["target_frr"],
             header["threshold"],
             header.get("info", {}),
+            stored_positional(tensors, count),
         )
     except KeyError as missing:
         raise CalibrationError(

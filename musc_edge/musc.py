@@ -15,7 +15,7 @@ import math
 import warnings
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -85,21 +85,39 @@ class References:
     sets: list[torch.Tensor]  # one (R, L, C) unit-vector set per (layer, r)
     embeddings: torch.Tensor  # (R, D)
     raw_scores: torch.Tensor  # (R,)
+    positional: Positional | None = None  # fixtured parts: each position's normal spread
 
     def __len__(self) -> int:
         return self.embeddings.shape[0]
 
     def join(self, other: References | None) -> References:
-        """These references and `other`'s, as one set of voters."""
+        """These references and `other`'s, as one set of voters (our positional spread)."""
         if other is None or not len(other):
             return self
         if not len(self):
-            return other
+            return replace(other, positional=self.positional or other.positional)
         return References(
             [torch.cat([a, b.to(a.dtype)]) for a, b in zip(self.sets, other.sets, strict=True)],
             torch.cat([self.embeddings, other.embeddings.to(self.embeddings)]),
             torch.cat([self.raw_scores, other.raw_scores.to(self.raw_scores)]),
+            self.positional or other.positional,
         )
+
+
+@dataclass
+class Positional:
+    """Fixtured parts: how far each position's patches of a good part usually are from the
+    nearest known-good patch (centre and spread per pooled set). A bank distance measured in
+    these units rises where a position looks unlike itself on good parts, even where the
+    patch resembles a good patch elsewhere: the same defect at the same place on many parts."""
+
+    centre: list[torch.Tensor]  # (L,) per pooled set
+    spread: list[torch.Tensor]  # (L,) per pooled set, > 0
+
+    def standardise(self, distances: torch.Tensor, index: int) -> torch.Tensor:
+        """(Q, L) bank distances of set `index` -> deviations in units of its spread."""
+        centre, spread = self.centre[index].to(distances), self.spread[index].to(distances)
+        return (distances - centre) / spread
 
 
 def check_inputs(tokens: Sequence[torch.Tensor], embeddings: torch.Tensor) -> int:
@@ -241,11 +259,13 @@ class MuSc:
 
     def bank_maps(self, sets: Sets, bank: References) -> torch.Tensor:
         """(Q, h, h) distance of each query patch to the nearest patch of the bank, averaged
-        over the pooled sets as MSM's patch scores are."""
-        total = sum(
-            nearest_distances(z, b, self.precision.dtype, self.budget_bytes)
-            for z, b in zip(sets, bank.sets, strict=True)
-        )
+        over the pooled sets as MSM's patch scores are (in spread units for fixtured parts)."""
+        total = 0
+        for index, (z, b) in enumerate(zip(sets, bank.sets, strict=True)):
+            distances = nearest_distances(z, b, self.precision.dtype, self.budget_bytes)
+            if bank.positional is not None:
+                distances = bank.positional.standardise(distances, index)
+            total = total + distances
         side = math.isqrt(sets[0].shape[1])
         return (total / len(sets)).view(-1, side, side)
 

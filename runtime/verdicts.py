@@ -99,19 +99,30 @@ class HistoryJudge(Judge):
 
     def __init__(self, records: Iterable[ResultRecord] = ()) -> None:
         self.normal: deque[float] = deque(maxlen=HISTORY_SIZE)
+        # scores answered before any threshold existed (rolling mode's first parts): they
+        # help the first threshold form, so a line never stays unlabelled for good
+        self.unjudged: deque[float] = deque(maxlen=HISTORY_MIN)
         for record in records:
-            if record.threshold_basis == self.basis and record.label == NORMAL:
-                self.normal.append(record.score)
+            if record.threshold_basis == self.basis and record.score is not None:
+                self._keep(record.score, record.label)
 
     def threshold(self, scores: Sequence[float]) -> float | None:
-        """From the history; until it holds 10 normal parts, the rule over history and batch."""
+        """From the history; until it holds 10 normal parts, the rule over history, the
+        unjudged first parts and the commit in hand."""
         known = list(self.normal)
         if len(known) < HISTORY_MIN:
-            return outlier_threshold([*known, *scores])
+            return outlier_threshold([*known, *self.unjudged, *scores])
         return outlier_threshold(known)
 
     def band(self) -> tuple[float, float] | None:
         return robust_band(self.normal) if len(self.normal) >= RELIABLE_BATCH else None
 
     def observe(self, scores: Sequence[float], labels: Sequence[str | None]) -> None:
-        self.normal.extend(s for s, lab in zip(scores, labels, strict=True) if lab == NORMAL)
+        for score, verdict in zip(scores, labels, strict=True):
+            self._keep(score, verdict)
+
+    def _keep(self, score: float, verdict: str | None) -> None:
+        if verdict == NORMAL:
+            self.normal.append(score)
+        elif verdict is None:
+            self.unjudged.append(score)

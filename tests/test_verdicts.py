@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ from musc_edge.calibration import (
     load_calibration,
     save_calibration,
 )
+from musc_edge.msm.nearest import nearest_distances
 from musc_edge.musc import MuSc
 from musc_edge.runtime.known_good import Joined, KnownGood
 from musc_edge.runtime.line_bench import StreamSource, defects_first, run_stream, stream_report
@@ -28,7 +30,7 @@ from tests.test_runners import write_package
 from tests.test_runtime_loop import SIZE, PooledColours, make_line, write_parts
 
 
-def stand_in_calibration(tmp_path: Path, count: int = 8, **package_changes):
+def stand_in_calibration(tmp_path: Path, count: int = 8, aligned: bool = False, **package_changes):
     """A real calibration of generated good parts through the stand-in backbone."""
     from musc_edge.features import extract_features
 
@@ -36,7 +38,9 @@ def stand_in_calibration(tmp_path: Path, count: int = 8, **package_changes):
     names = write_parts(tmp_path / "good", count)
     paths = [tmp_path / "good" / name for name in names]
     features = extract_features(paths, package.preprocessing(), PooledColours(package))
-    result = calibrate(package, MuSc(), features.tokens, features.embeddings, names)
+    result = calibrate(
+        package, MuSc(), features.tokens, features.embeddings, names, aligned=aligned
+    )
     return package, result
 
 
@@ -50,6 +54,30 @@ def test_calibration_round_trip_keeps_every_tensor_and_the_threshold(tmp_path: P
     assert torch.equal(loaded.scores, made.scores)
     summary = loaded.summary()
     assert summary["parts"] == 8 and summary["score_min"] <= summary["threshold"]
+
+
+def test_aligned_calibration_scores_in_units_of_each_positions_spread(tmp_path: Path) -> None:
+    package, made = stand_in_calibration(tmp_path, aligned=True)
+    save_calibration(made, tmp_path / "cal.safetensors")
+    loaded = load_calibration(tmp_path / "cal.safetensors", package)
+    assert loaded.aligned and loaded.summary()["aligned"]
+    for a, b in zip(loaded.positional.spread, made.positional.spread, strict=True):
+        assert torch.equal(a, b) and bool((a > 0).all())
+    # the bank map is the plain bank distance standardised per position and set
+    references = loaded.references()
+    sets = [z.float()[:2] for z in loaded.sets]
+    plain = MuSc().bank_maps(sets, replace(references, positional=None))
+    standardised = MuSc().bank_maps(sets, references)
+    by_hand = sum(
+        (nearest_distances(z, b.float()) - c) / sp
+        for z, b, c, sp in zip(
+            sets, references.sets, made.positional.centre, made.positional.spread, strict=True
+        )
+    ) / len(sets)
+    assert torch.allclose(standardised.flatten(1), by_hand, atol=1e-5)
+    assert not torch.allclose(plain, standardised)
+    # each part's held-out score is measured against the spread of the other parts only
+    assert made.scores.shape == (8,) and made.threshold > float(made.scores.median())
 
 
 def test_a_calibration_from_another_package_is_refused(tmp_path: Path) -> None:
@@ -123,6 +151,28 @@ def test_history_judge_ignores_a_burst_and_flags_it_as_a_shift() -> None:
     judge.observe(burst, ["anomalous"] * 16)
     assert judge.threshold([]) == before
     assert not judge.shifted(normal[:16], before)
+
+
+def test_history_judge_forms_a_threshold_from_single_unlabelled_answers() -> None:
+    """Rolling mode commits one answer at a time; first answers that got no label still
+    count towards the first threshold, so the line does not stay unlabelled."""
+    judge = HistoryJudge()
+    first = [0.20, 0.21, 0.19, 0.50, 0.60]
+    threshold = judge.threshold(first)
+    labels = ["anomalous" if score > threshold else "normal" for score in first]
+    assert labels.count("normal") == 3
+    judge.observe(first, labels)
+    assert judge.threshold([0.205]) is None  # 3 normal + 1: too few for the rule
+    judge.observe([0.205], [None])
+    assert judge.threshold([0.2]) is not None
+    restarted = HistoryJudge(
+        ResultRecord(
+            "a.png", 1, 1, 1, None, 1, "rolling", score=s, label=lab, threshold_basis="history"
+        )
+        for s, lab in [*zip(first, labels, strict=True), (0.205, None)]
+    )
+    assert list(restarted.unjudged) == [0.205]
+    assert restarted.threshold([0.2]) == judge.threshold([0.2])
 
 
 def test_restart_keeps_the_history_threshold(tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ from musc_edge.cli import (
     eval_cmd,
     export_cmd,
     run_cmd,
+    view_cmd,
     weights_cmd,
 )
 
@@ -28,6 +29,7 @@ app.command("eval")(eval_cmd.evaluate)
 app.add_typer(weights_cmd.app, name="weights")
 app.command("calibrate")(calibrate_cmd.calibrate)
 app.command("run")(run_cmd.run)
+app.command("view")(view_cmd.view)
 app.command("export")(export_cmd.export)
 app.add_typer(export_cmd.engine_app, name="engine")
 app.command("demo")(demo_cmd.demo)

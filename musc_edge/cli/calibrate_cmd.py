@@ -24,6 +24,12 @@ def calibrate(
     target_frr: float = typer.Option(
         0.01, "--target-frr", help="False-reject rate the threshold is set for (0.01 = 1 %)."
     ),
+    aligned: bool = typer.Option(
+        False,
+        "--aligned",
+        help="Parts held in a fixture: judge each position against the same position of the "
+        "good parts (catches a defect repeating at one place).",
+    ),
     engine: options.Engine = options.EngineOpt,
     allow_random_init: bool = typer.Option(
         False, "--allow-random-init", help="Torch engine: accept a random-weights package (tests)."
@@ -71,7 +77,7 @@ def calibrate(
             bar.update(task, description="scoring the parts against each other")
             files = [str(path.relative_to(good)) for path in features.paths]
             result = calibrate(
-                package, musc, features.tokens, features.embeddings, files, target_frr
+                package, musc, features.tokens, features.embeddings, files, target_frr, aligned
             )
         result.info = {"good": str(good.resolve()), "created": utc_now()}
         result.info["engine"] = runner.description
@@ -80,7 +86,9 @@ def calibrate(
         console.print(f"[yellow]skipped[/] {failure.path}: {failure.error}")
     summary = result.summary()
     console.print(
-        f"{summary['parts']} known-good parts; their scores {summary['score_min']:.4f} to "
+        f"{summary['parts']} known-good parts"
+        + (" (aligned: scores in units of each position's spread)" if aligned else "")
+        + f"; their scores {summary['score_min']:.4f} to "
         f"{summary['score_max']:.4f} (median {summary['score_median']:.4f})\n"
         f"threshold {summary['threshold']:.4f} for a false-reject rate of "
         f"{100 * target_frr:g} %; {100 * summary['leave_one_out_frr']:.1f} % of these parts "

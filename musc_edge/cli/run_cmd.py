@@ -17,6 +17,8 @@ from rich.live import Live
 
 from musc_edge.cli import options
 from musc_edge.cli.errors import user_errors
+from musc_edge.cli.line_config import merge_line_config
+from musc_edge.errors import UsageError
 from musc_edge.images import DEFAULT_MAX_PIXELS
 from musc_edge.precision import Precision
 
@@ -49,8 +51,18 @@ def parse_threshold(text: str) -> float | None:
 
 
 def run(
-    camera_dir: Path = typer.Option(..., "--camera-dir", help="Folder the camera writes into."),
-    model: Path = typer.Option(..., "--model", help="Model package folder (musc-edge export)."),
+    ctx: typer.Context,
+    camera_dir: Path | None = typer.Option(
+        None, "--camera-dir", help="Folder the camera writes into (required here or in --config)."
+    ),
+    model: Path | None = typer.Option(
+        None, "--model", help="Model package (musc-edge export; required here or in --config)."
+    ),
+    config: Path | None = typer.Option(
+        None,
+        "--config",
+        help="Line config (YAML): any of these options and the sinks; flags given here win.",
+    ),
     batch_size: int = typer.Option(
         32,
         "--batch-size",
@@ -111,48 +123,82 @@ def run(
         "--sink",
         help="Extra result sink, NAME or NAME:KEY=VALUE,... (repeatable): mqtt, webhook, opcua.",
     ),
+    serve: str | None = typer.Option(
+        None, "--serve", help="Live view in the browser at HOST:PORT (e.g. 127.0.0.1:8765)."
+    ),
+    allow_remote: bool = typer.Option(
+        False, "--allow-remote", help="Let --serve listen on other interfaces than localhost."
+    ),
 ) -> None:
     """Watch a camera folder; write scores, overlays and masks as images arrive.
 
     OUT holds results.jsonl (the source of truth, resumed after a crash or restart),
     results.csv, batches/ (manifests, overlays, masks) and rejected/ (copies of files that
-    could not be scored; the originals stay). See docs/runtime.md.
+    could not be scored; the originals stay). See docs/runtime.md and docs/deployment.md.
     """
+    # signals are taken from the start: a stop while the model loads ends the run cleanly
+    with stop_on_signals() as stop, user_errors():
+        values, sinks = line_values(ctx, config)
+        run_line(values, sinks, stop)
+
+
+def line_values(ctx: typer.Context, config: Path | None) -> tuple[dict, dict]:
+    """The run's options (the flags over the line config) and its extra sinks by name."""
+    from musc_edge.runtime.sinks import parse_sink_spec
+
+    values, sinks = dict(ctx.params), {}
+    if config is not None:
+        values, sinks = merge_line_config(ctx, config)
+    for text in values["sink"]:
+        name, given = parse_sink_spec(text)
+        sinks[name] = {**sinks.get(name, {}), **given}  # a flag's options win over the file's
+    for required in ("camera_dir", "model"):
+        if values[required] is None:
+            flag = "--" + required.replace("_", "-")
+            raise UsageError(f"{flag} is required (on the command line or in a --config file)")
+    return values, sinks
+
+
+def run_line(values: dict, sinks: dict, stop: threading.Event) -> None:
+    """Load the package, open the line (and the live view), and run until stopped."""
     from musc_edge.musc import MuSc
     from musc_edge.package import load_package
     from musc_edge.runtime.line import Line, LineSettings
     from musc_edge.runtime.runners import open_runner
-    from musc_edge.runtime.sinks import parse_sink_spec
 
-    out_dir = out or default_out(camera_dir)
+    camera_dir = Path(values["camera_dir"])
+    out_dir = Path(values["out"] or default_out(camera_dir))
+    mode = Mode(values["mode"])
     settings = LineSettings(
         camera_dir=camera_dir,
         out_dir=out_dir,
-        batch_size=batch_size,
+        batch_size=values["batch_size"],
         mode=mode.value,
-        watch=watch,
-        threshold=parse_threshold(threshold),
-        map_norm=map_norm.value,
-        poll=poll,
-        settle=settle,
-        decode_timeout=decode_timeout,
-        max_wait=max_wait or None,
-        sinks=dict(parse_sink_spec(text) for text in sink),
-        max_pixels=max_pixels,
-        calibration=calibration,
-        refresh_references=refresh_references,
+        watch=values["watch"],
+        threshold=parse_threshold(values["threshold"]),
+        map_norm=MapNorm(values["map_norm"]).value,
+        poll=values["poll"],
+        settle=values["settle"],
+        decode_timeout=values["decode_timeout"],
+        max_wait=values["max_wait"] or None,
+        sinks=sinks,
+        max_pixels=values["max_pixels"],
+        calibration=values["calibration"],
+        refresh_references=values["refresh_references"],
     )
-    # signals are taken from the start: a stop while the model loads ends the run cleanly
-    with stop_on_signals() as stop, user_errors():
-        console.print(f"loading {model} ...")
-        package = load_package(model)
-        runner = open_runner(package, engine.value, allow_random_init)
-        musc = MuSc.from_settings(package.musc, msm_precision)
+    model = Path(values["model"])
+    console.print(f"loading {model} ...")
+    package = load_package(model)
+    engine = options.Engine(values["engine"]).value
+    runner = open_runner(package, engine, values["allow_random_init"])
+    precision = values["msm_precision"] and Precision(values["msm_precision"])
+    musc = MuSc.from_settings(package.musc, precision)
+    with live_view(out_dir, values["serve"], values["allow_remote"]):
         line = Line(settings, package, runner, musc)
         console.print(
             f"[bold]musc-edge run[/] {camera_dir} -> {out_dir}\n"
             f"model {package.folder} ({package.backbone} at {package.image_size}px), "
-            f"engine {runner.description}, {mode.value} mode, batch {batch_size}, "
+            f"engine {runner.description}, {mode.value} mode, batch {settings.batch_size}, "
             f"{musc.precision.value}\n{verdict_basis(line)}"
         )
         if line.stats.resumed or line.stats.dropped:
@@ -174,6 +220,33 @@ def run(
             stats = line.run(stop)
     console.print(status_line(stats))
     console.print(f"results: {out_dir / 'results.jsonl'} and results.csv")
+
+
+@contextlib.contextmanager
+def live_view(out_dir: Path, address: str | None, allow_remote: bool) -> Iterator[None]:
+    """--serve HOST:PORT: the browser view of the out folder while the line runs (it only
+    reads the folder, so it starts before the line and stops after it)."""
+    if address is None:
+        yield
+        return
+    from musc_edge.runtime.view import serve
+
+    host, port = parse_address(address)
+    server = serve(out_dir, host, port, allow_remote)
+    console.print(f"live view: {server.url}")
+    try:
+        yield
+    finally:
+        server.stop()
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    """HOST:PORT (an IPv6 host in brackets: [::1]:8765) -> host and port."""
+    host, colon, port = text.rpartition(":")
+    host = host.strip("[]")
+    if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise UsageError(f"--serve takes HOST:PORT, e.g. 127.0.0.1:8765; got {text!r}")
+    return host, int(port)
 
 
 def verdict_basis(line) -> str:

@@ -1,0 +1,103 @@
+"""`musc-edge run --config`: the file holds run's own options and the sinks; flags win."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import typer
+import yaml
+from typer.testing import CliRunner
+
+from musc_edge.cli import app, run_cmd
+from musc_edge.cli.line_config import merge_line_config
+from musc_edge.errors import UsageError
+from musc_edge.runtime.journal import RESULTS_FILE
+from tests.test_runners import write_package
+from tests.test_runtime_loop import write_parts
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "configs" / "line" / "example-line.yaml"
+
+
+def run_context(args: list[str]) -> typer.Context:
+    """The click context `run` sees for these flags, without running it."""
+    command = typer.main.get_command(app).commands["run"]
+    return command.make_context("run", args)
+
+
+def test_the_example_config_is_valid_and_fills_every_key(tmp_path: Path) -> None:
+    values, sinks = merge_line_config(run_context([]), EXAMPLE)
+    assert values["mode"] == "rolling" and values["batch_size"] == 32
+    assert values["camera_dir"] == Path("/data/line1/cam1")
+    assert values["refresh_references"] == 20 and values["serve"] == "127.0.0.1:8765"
+    assert set(sinks) == {"mqtt", "webhook", "opcua"}
+    assert sinks["webhook"]["token_env"] == "MES_TOKEN"
+
+
+def test_a_flag_wins_over_the_file(tmp_path: Path) -> None:
+    values, _ = merge_line_config(run_context(["--batch-size", "8", "--mode", "batch"]), EXAMPLE)
+    assert values["batch_size"] == 8 and values["mode"] == "batch"
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("batchsize: 8", r"unknown key 'batchsize'; the keys are .*batch_size"),
+        ("batch_size: zero", r"line.yaml: batch_size: .*integer"),
+        ("batch_size: 0", r"line.yaml: batch_size: .*1"),
+        ("mode: sometimes", r"line.yaml: mode: .*batch.*rolling"),
+        ("sinks: [mqtt]", r"sinks must map a sink's name to its options"),
+        ("- a list", r"must be a mapping of option: value"),
+        ("mode: [unclosed", r"is not valid YAML at line 1"),
+    ],
+)
+def test_bad_config_is_refused_on_one_line(tmp_path: Path, content: str, message: str) -> None:
+    path = tmp_path / "line.yaml"
+    path.write_text(content)
+    with pytest.raises(UsageError, match=message):
+        merge_line_config(run_context([]), path)
+
+
+def test_run_with_a_config_file_and_a_sink_from_it(tmp_path: Path) -> None:
+    """A real run of the torch engine on random weights, every option from the file."""
+    write_package(tmp_path / "pkg", weights_source="random-init", layers=[1, 2])
+    write_parts(tmp_path / "camera", 6)
+    config = {
+        "camera_dir": str(tmp_path / "camera"),
+        "model": str(tmp_path / "pkg"),
+        "out": str(tmp_path / "out"),
+        "watch": False,
+        "batch_size": 3,
+        "engine": "torch",
+        "allow_random_init": True,
+        "settle": 0,
+        "sinks": {"webhook": {"url": "http://127.0.0.1:9/none", "flush_s": 0.1}},
+    }
+    (tmp_path / "line.yaml").write_text(yaml.safe_dump(config))
+    result = CliRunner().invoke(app, ["run", "--config", str(tmp_path / "line.yaml")])
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in (tmp_path / "out" / RESULTS_FILE).open()]
+    assert len(records) == 6 and {r["batch"] for r in records} == {1, 2}
+    # the webhook receiver is down: its backlog waits on disk for the next start
+    assert (tmp_path / "out" / "outbox" / "webhook").is_dir()
+
+
+def test_camera_dir_is_required_somewhere(tmp_path: Path) -> None:
+    (tmp_path / "line.yaml").write_text("batch_size: 4\n")
+    result = CliRunner().invoke(app, ["run", "--config", str(tmp_path / "line.yaml")])
+    assert result.exit_code == 2
+    assert "--camera-dir is required (on the command line or in a --config file)" in " ".join(
+        result.output.split()
+    )
+
+
+@pytest.mark.parametrize("text", ["127.0.0.1", "host:port", "[::1]:70000", ":8765"])
+def test_serve_address_must_be_host_and_port(text: str) -> None:
+    with pytest.raises(UsageError, match="--serve takes HOST:PORT"):
+        run_cmd.parse_address(text)
+
+
+def test_serve_address_accepts_ipv6_in_brackets() -> None:
+    assert run_cmd.parse_address("[::1]:8765") == ("::1", 8765)
+    assert run_cmd.parse_address("127.0.0.1:8765") == ("127.0.0.1", 8765)

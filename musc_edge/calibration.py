@@ -111,13 +111,16 @@ class Calibration:
 
     def check_binding(self, package: ModelPackage, source: Path | str) -> None:
         """Refuse a calibration made with another package, saying which setting differs."""
-        expected = package_binding(package)
+        self.check_settings(package_binding(package), source, f"the model package {package.folder}")
+
+    def check_settings(self, expected: dict, source: Path | str, against: str) -> None:
+        """Refuse a calibration whose binding differs from `expected` in any of its keys."""
+        expected = json.loads(json.dumps(expected))  # as stored: tuples become lists
         differs = [key for key in expected if self.binding.get(key) != expected[key]]
         if differs:
             raise CalibrationError(
-                f"calibration {source} was made for another model package ({', '.join(differs)} "
-                f"differ from {package.folder}); run `musc-edge calibrate --model "
-                f"{package.folder}` again"
+                f"calibration {source} was made for another model ({', '.join(differs)} "
+                f"differ from {against}); run `musc-edge calibrate` again with it"
             )
 
 
@@ -147,43 +150,55 @@ def calibrate(
         nearest_distances(z, z, musc.precision.dtype, musc.budget_bytes, leave_out=True).float()
         for z in sets
     ]
-    positional = positional_spread(held_out) if aligned else None
-    scores = held_out_scores(held_out, aligned)
+    distances = (sum(held_out) / len(held_out)).amax(dim=1)
+    positional, scores, threshold = None, distances, gumbel_threshold(distances, target_frr)
+    if aligned:  # two tests at half the rate each: the overall rate stays the target
+        deviations = held_out_deviations(held_out)
+        centre, spread = positional_spread(held_out)
+        positional = Positional(
+            centre,
+            spread,
+            gumbel_threshold(distances, target_frr / 2),
+            gumbel_threshold(deviations, target_frr / 2),
+        )
+        scores = torch.maximum(
+            distances / positional.distance_threshold, deviations / positional.deviation_threshold
+        )
+        threshold = 1.0
     return Calibration(
         package_binding(package),
         files,
         sets,
         embeddings.float(),
         mutual.float(),
-        scores,
+        scores.float(),
         target_frr,
-        gumbel_threshold(scores, target_frr),
+        threshold,
         positional=positional,
     )
 
 
-def positional_spread(held_out: list[torch.Tensor]) -> Positional:
+Spread = tuple[list[torch.Tensor], list[torch.Tensor]]  # centre and spread, (L,) per set
+
+
+def positional_spread(held_out: list[torch.Tensor]) -> Spread:
     """Mean and spread, per position, of the good parts' held-out distances, per set."""
     centre = [d.mean(dim=0) for d in held_out]
     spread = [d.std(dim=0).clamp_min(SPREAD_FLOOR) for d in held_out]
-    return Positional(centre, spread)
+    return centre, spread
 
 
-def held_out_scores(held_out: list[torch.Tensor], aligned: bool) -> torch.Tensor:
-    """(R,) what each good part scores against the others, on the scale the line scores on.
-
-    Aligned: each part is standardised by the spread of the other parts only, so a part's
-    own oddity does not widen the spread it is measured against."""
-    if not aligned:
-        return (sum(held_out) / len(held_out)).amax(dim=1)
+def held_out_deviations(held_out: list[torch.Tensor]) -> torch.Tensor:
+    """(R,) each good part's largest positional deviation, measured against the centre and
+    spread of the other parts only, so a part's own oddity does not widen its yardstick."""
     count = held_out[0].shape[0]
     scores = []
     for index in range(count):
         others = [i for i in range(count) if i != index]
-        spread = positional_spread([d[others] for d in held_out])
-        maps = [spread.standardise(d[index : index + 1], s) for s, d in enumerate(held_out)]
+        yardstick = Positional(*positional_spread([d[others] for d in held_out]), 1.0, 1.0)
+        maps = [yardstick.standardise(d[index : index + 1], s) for s, d in enumerate(held_out)]
         scores.append((sum(maps) / len(maps)).amax())
-    return torch.stack(scores).float()
+    return torch.stack(scores)
 
 
 def save_calibration(calibration: Calibration, path: Path) -> None:
@@ -208,17 +223,25 @@ def save_calibration(calibration: Calibration, path: Path) -> None:
             if not isinstance(value, torch.Tensor) and key not in ("sets", "positional")
         },
     }
+    if calibration.positional is not None:
+        header["positional_thresholds"] = [
+            calibration.positional.distance_threshold,
+            calibration.positional.deviation_threshold,
+        ]
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, save(tensors, metadata={"musc_edge": json.dumps(header)}))
 
 
-def stored_positional(tensors: dict[str, torch.Tensor], count: int) -> Positional | None:
-    """The positional spread of an aligned calibration, None for one that is not aligned."""
+def stored_positional(
+    tensors: dict[str, torch.Tensor], header: dict, count: int
+) -> Positional | None:
+    """The positional part of an aligned calibration, None for one that is not aligned."""
     if "centre_0" not in tensors:
         return None
     return Positional(
         [tensors[f"centre_{i}"] for i in range(count)],
         [tensors[f"spread_{i}"] for i in range(count)],
+        *header["positional_thresholds"],
     )
 
 
@@ -251,7 +274,7 @@ def load_calibration(path: Path, package: ModelPackage | None = None) -> Calibra
             header["target_frr"],
             header["threshold"],
             header.get("info", {}),
-            stored_positional(tensors, count),
+            stored_positional(tensors, header, count),
         )
     except KeyError as missing:
         raise CalibrationError(

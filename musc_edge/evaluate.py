@@ -1,7 +1,8 @@
 """Evaluation on labelled test sets: score each category as one MuSc batch, then measure.
 
-Zero-shot by default, as the paper; with K known-good references (few-shot, `--shots`) the
-scores and maps are each patch's distance to them, as a calibrated line judges.
+Zero-shot by default, as the paper; with K known-good references (few-shot, `--shots`, or a
+line's calibration) the scores and maps are each patch's distance to them, as a calibrated
+line judges; with the calibration's threshold, the verdicts at it are reported too.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ class CategoryReport:
     failures: list[dict] = field(default_factory=list)
     seconds: float = 0.0
     shots: int = 0  # known-good references it was scored with (0: zero-shot)
+    at_threshold: dict[str, float] | None = None  # verdicts at a calibration's threshold
 
 
 def evaluate_category(
@@ -46,10 +48,12 @@ def evaluate_category(
     musc: MuSc,
     progress: Progress | None = None,
     maps_dir: Path | None = None,
-    references: Features | None = None,
+    references: References | None = None,
+    threshold: float | None = None,
 ) -> CategoryReport:
     """Extract features, score the category's images against each other (and against known-good
-    `references`, whose distance then makes the scores and maps), compute metrics."""
+    `references`, whose distance then makes the scores and maps), compute metrics; with a
+    `threshold`, also the recall and false-reject rate of the verdicts at it."""
     started = time.perf_counter()
     report = progress or (lambda stage, done, total: None)
     done = 0
@@ -61,8 +65,7 @@ def evaluate_category(
 
     features = extract_features([s.path for s in samples], preprocess, extractor, on_batch=on_batch)
     scoring = Hooks(progress=lambda done, total: report("scoring", done, total))
-    known = known_good(musc, references) if references is not None else None
-    result = musc.score(features.tokens, features.embeddings, hooks=scoring, known_good=known)
+    result = musc.score(features.tokens, features.embeddings, hooks=scoring, known_good=references)
     by_path = {s.path: s for s in samples}
     scored = [by_path[p] for p in features.paths]
     labels = np.array([s.label for s in scored])
@@ -103,7 +106,19 @@ def evaluate_category(
         images,
         failures,
         time.perf_counter() - started,
+        at_threshold=None if threshold is None else verdicts_at(labels, scores, threshold),
     )
+
+
+def verdicts_at(labels: np.ndarray, scores: np.ndarray, threshold: float) -> dict[str, float]:
+    """Recall and false-reject rate (percent) of `score > threshold`, as the line labels."""
+    anomalous = scores > threshold
+    defective, good = labels == 1, labels == 0
+    return {
+        "threshold": float(threshold),
+        "recall": float(100 * anomalous[defective].mean()) if defective.any() else float("nan"),
+        "false_reject_rate": float(100 * anomalous[good].mean()) if good.any() else float("nan"),
+    }
 
 
 def known_good(musc: MuSc, features: Features) -> References:

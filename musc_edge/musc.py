@@ -107,17 +107,28 @@ class References:
 @dataclass
 class Positional:
     """Fixtured parts: how far each position's patches of a good part usually are from the
-    nearest known-good patch (centre and spread per pooled set). A bank distance measured in
-    these units rises where a position looks unlike itself on good parts, even where the
-    patch resembles a good patch elsewhere: the same defect at the same place on many parts."""
+    nearest known-good patch (centre and spread per pooled set). A deviation in these units
+    rises where a position looks unlike itself on good parts, even where the patch resembles
+    a good patch elsewhere: the same defect at the same place on many parts.
+
+    The verdict map is the larger of the plain bank distance and this deviation, each over
+    its own threshold, so the score is in multiples of the threshold (1.0 = the threshold)."""
 
     centre: list[torch.Tensor]  # (L,) per pooled set
     spread: list[torch.Tensor]  # (L,) per pooled set, > 0
+    distance_threshold: float  # of the plain bank distance
+    deviation_threshold: float  # of the positional deviation
 
     def standardise(self, distances: torch.Tensor, index: int) -> torch.Tensor:
         """(Q, L) bank distances of set `index` -> deviations in units of its spread."""
         centre, spread = self.centre[index].to(distances), self.spread[index].to(distances)
         return (distances - centre) / spread
+
+    def combine(self, distances: torch.Tensor, deviations: torch.Tensor) -> torch.Tensor:
+        """Set-averaged distances and deviations -> the verdict map, in threshold units."""
+        return torch.maximum(
+            distances / self.distance_threshold, deviations / self.deviation_threshold
+        )
 
 
 def check_inputs(tokens: Sequence[torch.Tensor], embeddings: torch.Tensor) -> int:
@@ -259,15 +270,18 @@ class MuSc:
 
     def bank_maps(self, sets: Sets, bank: References) -> torch.Tensor:
         """(Q, h, h) distance of each query patch to the nearest patch of the bank, averaged
-        over the pooled sets as MSM's patch scores are (in spread units for fixtured parts)."""
-        total = 0
+        over the pooled sets as MSM's patch scores are (fixtured parts: see `Positional`)."""
+        total = deviation = 0
         for index, (z, b) in enumerate(zip(sets, bank.sets, strict=True)):
             distances = nearest_distances(z, b, self.precision.dtype, self.budget_bytes)
-            if bank.positional is not None:
-                distances = bank.positional.standardise(distances, index)
             total = total + distances
+            if bank.positional is not None:
+                deviation = deviation + bank.positional.standardise(distances, index)
+        maps = total / len(sets)
+        if bank.positional is not None:
+            maps = bank.positional.combine(maps, deviation / len(sets))
         side = math.isqrt(sets[0].shape[1])
-        return (total / len(sets)).view(-1, side, side)
+        return maps.view(-1, side, side)
 
     @torch.no_grad()
     def score(

@@ -56,28 +56,35 @@ def test_calibration_round_trip_keeps_every_tensor_and_the_threshold(tmp_path: P
     assert summary["parts"] == 8 and summary["score_min"] <= summary["threshold"]
 
 
-def test_aligned_calibration_scores_in_units_of_each_positions_spread(tmp_path: Path) -> None:
+def test_aligned_calibration_judges_distance_and_positional_deviation(tmp_path: Path) -> None:
     package, made = stand_in_calibration(tmp_path, aligned=True)
     save_calibration(made, tmp_path / "cal.safetensors")
     loaded = load_calibration(tmp_path / "cal.safetensors", package)
-    assert loaded.aligned and loaded.summary()["aligned"]
-    for a, b in zip(loaded.positional.spread, made.positional.spread, strict=True):
+    assert loaded.aligned and loaded.summary()["aligned"] and loaded.threshold == 1.0
+    positional = loaded.positional
+    assert positional.distance_threshold == made.positional.distance_threshold
+    for a, b in zip(positional.spread, made.positional.spread, strict=True):
         assert torch.equal(a, b) and bool((a > 0).all())
-    # the bank map is the plain bank distance standardised per position and set
+    # the verdict map: the larger of distance and deviation, each over its own threshold
     references = loaded.references()
     sets = [z.float()[:2] for z in loaded.sets]
-    plain = MuSc().bank_maps(sets, replace(references, positional=None))
-    standardised = MuSc().bank_maps(sets, references)
-    by_hand = sum(
-        (nearest_distances(z, b.float()) - c) / sp
-        for z, b, c, sp in zip(
-            sets, references.sets, made.positional.centre, made.positional.spread, strict=True
-        )
+    distances = [
+        nearest_distances(z, b.float()) for z, b in zip(sets, references.sets, strict=True)
+    ]
+    plain = sum(distances) / len(sets)
+    deviation = sum(
+        (d - c) / sp
+        for d, c, sp in zip(distances, positional.centre, positional.spread, strict=True)
     ) / len(sets)
-    assert torch.allclose(standardised.flatten(1), by_hand, atol=1e-5)
-    assert not torch.allclose(plain, standardised)
-    # each part's held-out score is measured against the spread of the other parts only
-    assert made.scores.shape == (8,) and made.threshold > float(made.scores.median())
+    by_hand = torch.maximum(
+        plain / positional.distance_threshold, deviation / positional.deviation_threshold
+    )
+    maps = MuSc().bank_maps(sets, references)
+    assert torch.allclose(maps.flatten(1), by_hand, atol=1e-5)
+    unaligned = MuSc().bank_maps(sets, replace(references, positional=None))
+    assert torch.allclose(unaligned.flatten(1), plain, atol=1e-6)
+    # held-out scores are on the same scale: each part measured against the others
+    assert made.scores.shape == (8,) and float(made.scores.median()) < made.threshold
 
 
 def test_a_calibration_from_another_package_is_refused(tmp_path: Path) -> None:
@@ -89,7 +96,10 @@ def test_a_calibration_from_another_package_is_refused(tmp_path: Path) -> None:
         layers=[1, 2],
         musc={"r_list": [1, 3], "frac": 0.3, "k_list": [1, 2, 3], "precision": "fp32"},
     )
-    with pytest.raises(CalibrationError, match=r"another model package.*musc"):
+    with pytest.raises(
+        CalibrationError,
+        match=r"another model \(.*differ from the model package .*musc-edge calibrate",
+    ):
         load_calibration(tmp_path / "cal.safetensors", other)
 
 
@@ -389,3 +399,47 @@ def test_calibrate_then_run_on_real_bottle_images(
     missing = str(tmp_path / "none.safetensors")
     wrong = cli.invoke(app, [*run, "--out", str(tmp_path / "other"), "--calibration", missing])
     assert wrong.exit_code == 2 and "musc-edge calibrate" in " ".join(wrong.output.split())
+
+    # the same calibration in eval: its parts are the references, its threshold is reported
+    root = small_mvtec(bottle_dir, tmp_path / "mvtec", count=4)
+    report_file = tmp_path / "eval.json"
+    evaluated = cli.invoke(
+        app,
+        [
+            *("eval", "--root", str(root), "--category", "bottle"),
+            *("--calibration", str(cal), "--json", str(report_file)),
+        ],
+    )
+    assert evaluated.exit_code == 0, evaluated.output
+    assert "at the calibration's threshold" in " ".join(evaluated.output.split())
+    report = json.loads(report_file.read_text())["categories"]["bottle"]
+    assert report["shots"] == 6 and report["at_threshold"]["threshold"] == pytest.approx(
+        load_calibration(cal).threshold
+    )
+    assert report["at_threshold"]["recall"] == 100.0 and report["image"]["auroc"] == 100.0
+    resized = cli.invoke(
+        app,
+        [
+            *("eval", "--root", str(root), "--category", "bottle", "--image-size", "112"),
+            *("--calibration", str(cal)),
+        ],
+    )
+    assert resized.exit_code == 2
+    assert "(image_size, preprocess differ from this eval)" in " ".join(resized.output.split())
+
+
+def small_mvtec(bottle_dir: Path, root: Path, count: int) -> Path:
+    """An MVTec-layout copy of a few bottle test images (good and broken_large) and masks."""
+    import shutil
+
+    for defect in ("good", "broken_large"):
+        folder = root / "bottle" / "test" / defect
+        folder.mkdir(parents=True)
+        for path in sorted((bottle_dir / "test" / defect).glob("*.png"))[:count]:
+            shutil.copy(path, folder / path.name)
+            if defect != "good":
+                masks = root / "bottle" / "ground_truth" / defect
+                masks.mkdir(parents=True, exist_ok=True)
+                mask = bottle_dir / "ground_truth" / defect / f"{path.stem}_mask.png"
+                shutil.copy(mask, masks / mask.name)
+    return root

@@ -8,6 +8,7 @@ from musc_edge.cli import (
     bench_cmd,
     bench_line_cmd,
     bench_msm_cmd,
+    bench_sinks_cmd,
     calibrate_cmd,
     demo_cmd,
     eval_cmd,
@@ -35,4 +36,5 @@ app.add_typer(export_cmd.engine_app, name="engine")
 app.command("demo")(demo_cmd.demo)
 bench_cmd.app.command("msm")(bench_msm_cmd.bench_msm)
 bench_cmd.app.command("line")(bench_line_cmd.bench_line)
+bench_cmd.app.command("sinks")(bench_sinks_cmd.bench_sinks)
 app.add_typer(bench_cmd.app, name="bench")

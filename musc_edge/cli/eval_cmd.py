@@ -34,6 +34,12 @@ def evaluate(
         "--references",
         help="Folder of known-good images for --shots (default CATEGORY/train/good).",
     ),
+    calibration: Path | None = typer.Option(
+        None,
+        "--calibration",
+        help="A line's calibration (musc-edge calibrate): its known-good parts as references "
+        "and the verdicts at its threshold. Made with the same backbone, size and blocks.",
+    ),
     preset: str | None = options.Preset,
     backbone: str | None = options.Backbone,
     image_size: int | None = options.ImageSize,
@@ -45,6 +51,7 @@ def evaluate(
     device: str = options.Device,
 ) -> None:
     """Score each category's test images as one unlabeled batch and report the metrics."""
+    from musc_edge.calibration import load_calibration
     from musc_edge.datasets import list_categories, load_samples
     from musc_edge.evaluate import evaluate_category, mean_metrics
     from musc_edge.features import torch_extractor
@@ -65,6 +72,13 @@ def evaluate(
             f"weights {model.weights.source}"
         )
         shot_counts = parse_shots(shots, references)
+        calibrated = None
+        if calibration is not None:
+            if shots is not None:
+                raise typer.BadParameter("--calibration brings its own references: drop --shots")
+            calibrated = load_calibration(calibration)
+            calibrated.check_settings(eval_binding(config, model), calibration, "this eval")
+            shot_counts = [len(calibrated)]
         reports = []
         with progress_bar(console) as bar:
             for name, count in ((name, k) for name in categories for k in shot_counts):
@@ -74,11 +88,21 @@ def evaluate(
                 def show(stage: str, done: int, total: int, task=task, label=label) -> None:
                     bar.update(task, description=f"{label}: {stage}", completed=done, total=total)
 
-                good = reference_features(
-                    references or root / name / "train" / "good", count, model, extractor
-                )
+                if calibrated is not None:
+                    good = calibrated.references(musc.precision.dtype)
+                else:
+                    folder = references or root / name / "train" / "good"
+                    good = reference_features(folder, count, model, extractor, musc)
                 report = evaluate_category(
-                    name, samples[name], model.preprocess, extractor, musc, show, save_maps, good
+                    name,
+                    samples[name],
+                    model.preprocess,
+                    extractor,
+                    musc,
+                    show,
+                    save_maps,
+                    good,
+                    calibrated.threshold if calibrated else None,
                 )
                 report.shots = count
                 reports.append(report)
@@ -116,9 +140,23 @@ def parse_shots(shots: str | None, references: Path | None) -> list[int]:
     return counts
 
 
-def reference_features(folder: Path, count: int, model, extractor):
-    """Features of the first `count` images of the known-good folder, or None for zero-shot."""
+def eval_binding(config, model) -> dict:
+    """What a calibration must match for eval: backbone, size, blocks, preprocessing, MuSc.
+
+    The exported backbone's sha256 is not checked: eval runs the torch model, not a package."""
+    return {
+        "backbone": config.backbone,
+        "image_size": config.image_size,
+        "layers": list(model.layers),
+        "preprocess": model.preprocess.to_dict(),
+        "musc": {"r_list": config.r_list, "frac": config.frac, "k_list": config.k_list},
+    }
+
+
+def reference_features(folder: Path, count: int, model, extractor, musc):
+    """The first `count` images of the known-good folder as references, None for zero-shot."""
     from musc_edge.datasets import DatasetError
+    from musc_edge.evaluate import known_good
     from musc_edge.features import extract_features
     from musc_edge.images import list_images
 
@@ -130,7 +168,7 @@ def reference_features(folder: Path, count: int, model, extractor):
             f"{count}-shot needs {count} known-good images in {folder}, found {len(paths)}; "
             "point --references at a folder of good parts (never test images)"
         )
-    return extract_features(paths, model.preprocess, extractor)
+    return known_good(musc, extract_features(paths, model.preprocess, extractor))
 
 
 def report_key(report, shots: str | None) -> str:
@@ -168,3 +206,10 @@ def print_table(reports) -> None:
             f"{r.seconds:.1f}",
         )
     console.print(table)
+    for r in reports:
+        if r.at_threshold is not None:
+            at = r.at_threshold
+            console.print(
+                f"{r.category}: at the calibration's threshold {at['threshold']:.4f}, recall "
+                f"{at['recall']:.1f} %, false rejects {at['false_reject_rate']:.1f} %"
+            )

@@ -1,0 +1,215 @@
+"""What the extra sinks cost the line: the real `Line` over the same images without them and
+with them, alternated in one process so that a machine whose speed drifts moves both arms alike.
+
+Each run copies the images into a fresh camera folder and runs `Line` once (`watch=False`,
+`settle=0`). Every sink is wrapped in a timer, so a run says how long the line's own thread
+spent inside the extra sinks' `commit` calls (the direct cost) apart from what the sinks'
+threads take from the same cores (the indirect cost, seen only in the totals).
+"""
+
+from __future__ import annotations
+
+import shutil
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from musc_edge.errors import UsageError
+from musc_edge.images import list_images
+from musc_edge.musc import MuSc
+from musc_edge.package import ModelPackage
+from musc_edge.runtime.line import Line, LineSettings
+from musc_edge.runtime.record import ResultRecord
+from musc_edge.runtime.runners import Runner
+from musc_edge.runtime.sinks import (
+    CRASH_SAFE_ORDER,
+    CommitContext,
+    Sink,
+    SinkSpecs,
+    parse_sink_spec,
+)
+from musc_edge.runtime.sinks.outbox import backlog
+
+ARMS = ("plain", "sinks")
+# figures summarised per arm; the first three are compared as with-sinks / plain
+COMPARED = ("ms_per_image", "loop_ms_per_image", "latency_ms")
+SUMMARISED = (*COMPARED, "wall_s", "sink_commit_ms_per_image", "open_s", "stop_s")
+
+
+def sink_specs(texts: Sequence[str]) -> dict[str, dict[str, str]]:
+    """`--sink NAME:KEY=VALUE,...` texts -> options by sink name, as `run` reads them."""
+    specs: dict[str, dict[str, str]] = {}
+    for text in texts:
+        name, given = parse_sink_spec(text)
+        specs[name] = {**specs.get(name, {}), **given}
+    return specs
+
+
+def pick_images(folder: Path, count: int) -> list[Path]:
+    """The first `count` images of the folder in name order; too few is a usage error, since
+    repeating files would give the line copies it answers from its journal, not scores."""
+    if not folder.is_dir():
+        raise UsageError(f"images folder {folder} does not exist")
+    images = list_images(folder)
+    if len(images) < count:
+        raise UsageError(f"{folder} holds {len(images)} images; --count {count} needs that many")
+    return images[:count]
+
+
+class TimedSink:
+    """A sink whose calls are timed on the line's thread: what the line waits for."""
+
+    def __init__(self, sink: Sink) -> None:
+        self.sink = sink
+        self.commit_s = 0.0
+        self.stop_s = 0.0  # flush and close, at the end of the run
+
+    def commit(self, records: Sequence[ResultRecord], context: CommitContext) -> None:
+        started = time.perf_counter()
+        try:
+            self.sink.commit(records, context)
+        finally:
+            self.commit_s += time.perf_counter() - started
+
+    def flush(self) -> None:
+        started = time.perf_counter()
+        try:
+            self.sink.flush()
+        finally:
+            self.stop_s += time.perf_counter() - started
+
+    def close(self) -> None:
+        started = time.perf_counter()
+        try:
+            self.sink.close()
+        finally:
+            self.stop_s += time.perf_counter() - started
+
+
+@dataclass
+class RunFigures:
+    """One run of the line; wall = open + loop + stop."""
+
+    arm: str
+    images: int
+    open_s: float  # Line() built: journal, camera, sinks opened (a broker connection, a server)
+    loop_s: float  # scanning, features, scoring and every commit
+    stop_s: float  # every sink's flush and close (a network sink waits for its backlog here)
+    latency_ms: float  # median of the records' timings.latency_ms (file ready -> committed)
+    sink_commit_s: float  # inside the extra sinks' commit calls
+    backlog: dict[str, int] = field(default_factory=dict)  # undelivered after the run, per sink
+
+    @property
+    def wall_s(self) -> float:
+        return self.open_s + self.loop_s + self.stop_s
+
+    def as_dict(self) -> dict[str, Any]:
+        per_image = 1000 / self.images
+        return {
+            **asdict(self),
+            "wall_s": self.wall_s,
+            "ms_per_image": self.wall_s * per_image,
+            "loop_ms_per_image": self.loop_s * per_image,
+            "sink_commit_ms_per_image": self.sink_commit_s * per_image,
+        }
+
+
+def run_once(
+    arm: str,
+    images: list[Path],
+    package: ModelPackage,
+    runner: Runner,
+    musc: MuSc,
+    settings: dict[str, Any],
+    sinks: SinkSpecs,
+) -> RunFigures:
+    """Copy the images into a fresh camera folder and run the line over it to the end."""
+    with tempfile.TemporaryDirectory(prefix="musc-edge-sink-bench-") as scratch:
+        camera, out = Path(scratch) / "camera", Path(scratch) / "results"
+        camera.mkdir()
+        for index, path in enumerate(images):  # numbered: names in subfolders may repeat
+            shutil.copyfile(path, camera / f"{index:04d}_{path.name}")
+        line_settings = LineSettings(
+            camera, out, watch=False, settle=0.0, poll=0.05, sinks=sinks, **settings
+        )
+        started = time.perf_counter()
+        line = Line(line_settings, package, runner, musc)
+        opened = time.perf_counter()
+        timed = [TimedSink(sink) for sink in line.sinks]
+        line.sinks = list(timed)
+        line.run()
+        ended = time.perf_counter()
+        records = list(line.journal.records())
+        left = backlog(out)
+    failed = [record for record in records if record.error]
+    if failed:
+        raise UsageError(f"{failed[0].file} could not be scored: {failed[0].error}")
+    stop_s = sum(sink.stop_s for sink in timed)
+    latencies = [record.timings.latency_ms or 0.0 for record in records]
+    return RunFigures(
+        arm,
+        len(records),
+        open_s=opened - started,
+        loop_s=ended - opened - stop_s,
+        stop_s=stop_s,
+        latency_ms=statistics.median(latencies),
+        sink_commit_s=sum(sink.commit_s for sink in timed[len(CRASH_SAFE_ORDER) :]),
+        backlog=left,
+    )
+
+
+def measure(
+    images: list[Path],
+    package: ModelPackage,
+    runner: Runner,
+    musc: MuSc,
+    settings: dict[str, Any],
+    sinks: SinkSpecs,
+    runs: int,
+    on_run: Callable[[str, RunFigures], None] = lambda label, figures: None,
+) -> dict[str, Any]:
+    """One untimed run of each arm (with sinks first: a refused option stops it at once),
+    then plain and with-sinks alternated `runs` times."""
+    by_arm: dict[str, SinkSpecs] = {"plain": {}, "sinks": sinks}
+    report: dict[str, Any] = {"warmup": {}, "runs": {arm: [] for arm in ARMS}}
+    for arm in reversed(ARMS):
+        figures = run_once(arm, images, package, runner, musc, settings, by_arm[arm])
+        report["warmup"][arm] = figures.as_dict()
+        on_run("warm-up", figures)
+    for index in range(runs):
+        for arm in ARMS:
+            figures = run_once(arm, images, package, runner, musc, settings, by_arm[arm])
+            report["runs"][arm].append(figures.as_dict())
+            on_run(f"run {index + 1}/{runs}", figures)
+    report["summary"] = summarise(report["runs"])
+    return report
+
+
+def spread(values: Sequence[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def summarise(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """Medians and spread per arm; with-sinks / plain of the medians and of each pair of runs
+    (the pairs ran back to back, so their ratios shrug off slow drifts of the machine)."""
+    summary: dict[str, Any] = {
+        arm: {name: spread([run[name] for run in runs[arm]]) for name in SUMMARISED} for arm in ARMS
+    }
+    summary["ratio"] = {
+        name: summary["sinks"][name]["median"] / summary["plain"][name]["median"]
+        for name in COMPARED
+    }
+    summary["pair_ratios"] = [
+        sinks["ms_per_image"] / plain["ms_per_image"]
+        for plain, sinks in zip(runs["plain"], runs["sinks"], strict=True)
+    ]
+    summary["commit_share"] = (
+        summary["sinks"]["sink_commit_ms_per_image"]["median"]
+        / summary["plain"]["ms_per_image"]["median"]
+    )
+    summary["backlog"] = runs["sinks"][-1]["backlog"]
+    return summary

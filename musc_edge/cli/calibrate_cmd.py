@@ -87,7 +87,7 @@ def calibrate(
     summary = result.summary()
     console.print(
         f"{summary['parts']} known-good parts"
-        + (" (aligned: scores in units of each position's spread)" if aligned else "")
+        + (" (aligned: scores in multiples of the threshold)" if aligned else "")
         + f"; their scores {summary['score_min']:.4f} to "
         f"{summary['score_max']:.4f} (median {summary['score_median']:.4f})\n"
         f"threshold {summary['threshold']:.4f} for a false-reject rate of "

@@ -27,6 +27,10 @@ from musc_edge.runtime.sinks.outbox import Message
 from musc_edge.runtime.verdicts import ANOMALOUS
 
 log = logging.getLogger(__name__)
+# paho says "Client is not connected" at every reconnection attempt; the outage itself is
+# logged once by the sink, so those lines are left out
+PAHO_LOG = log.getChild("paho")
+PAHO_LOG.addFilter(lambda record: "is not connected" not in record.getMessage())
 
 TopicLevel = Annotated[str, Field(min_length=1, pattern=r"^[^+#\x00]+$")]  # no wildcards
 
@@ -71,7 +75,7 @@ class MqttSink(NetworkSink):
         # assigned before the network thread starts: its callbacks use it at once
         self.client = client = Client(CallbackAPIVersion.VERSION2, client_id=client_id)
         client.suppress_exceptions = True  # a failing callback is logged, the thread lives on
-        client.enable_logger(log)
+        client.enable_logger(PAHO_LOG)
         if options.username:
             password = None
             if options.password_env:

@@ -10,6 +10,8 @@ package="$out/dinov2-vits14-224"
 [ -f "$package/musc.json" ] || musc-edge export --backbone dinov2-vits14 --image-size 224 --out "$package"
 musc-edge calibrate --model "$package" --good "$data/bottle/train/good" --parts 20 \
   --out "$out/bottle-20.cal.safetensors"
+musc-edge calibrate --model "$package" --good "$data/bottle/train/good" --parts 20 --aligned \
+  --out "$out/bottle-20-aligned.cal.safetensors"
 streams=(--stream grouped --stream shuffled --stream defects-first --stream repeated)
 modes=(--mode batch --mode rolling)
 musc-edge bench line --model "$package" --root "$data" "${streams[@]}" --stream mixed \
@@ -20,4 +22,9 @@ musc-edge bench line --model "$package" --root "$data" "${streams[@]}" "${modes[
 musc-edge bench line --model "$package" --root "$data" --stream mixed --stream drift "${modes[@]}" \
   --calibration "$out/bottle-20.cal.safetensors" --refresh-references 20 \
   --json "$out/refreshed.json"
+musc-edge bench line --model "$package" --root "$data" "${streams[@]}" "${modes[@]}" \
+  --calibration "$out/bottle-20-aligned.cal.safetensors" --json "$out/aligned.json"
+musc-edge bench line --model "$package" --root "$data" --stream mixed --stream drift --mode batch \
+  --calibration "$out/bottle-20-aligned.cal.safetensors" --refresh-references 20 \
+  --json "$out/aligned-refreshed.json"
 musc-edge eval --root "$data" --category bottle --shots 0,1,4,10 --json "$out/few-shot.json"

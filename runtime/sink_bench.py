@@ -31,6 +31,7 @@ from musc_edge.runtime.sinks import (
     Sink,
     SinkSpecs,
     parse_sink_spec,
+    sink_names,
 )
 from musc_edge.runtime.sinks.outbox import backlog
 
@@ -101,6 +102,7 @@ class RunFigures:
     stop_s: float  # every sink's flush and close (a network sink waits for its backlog here)
     latency_ms: float  # median of the records' timings.latency_ms (file ready -> committed)
     sink_commit_s: float  # inside the extra sinks' commit calls
+    commit_s_by_sink: dict[str, float] = field(default_factory=dict)  # the same, per sink
     backlog: dict[str, int] = field(default_factory=dict)  # undelivered after the run, per sink
 
     @property
@@ -149,6 +151,8 @@ def run_once(
     if failed:
         raise UsageError(f"{failed[0].file} could not be scored: {failed[0].error}")
     stop_s = sum(sink.stop_s for sink in timed)
+    built_in = len(CRASH_SAFE_ORDER)  # open_sinks' order: the built-ins, then the extras
+    extra = dict(zip(sink_names(list(sinks))[built_in:], timed[built_in:], strict=True))
     latencies = [record.timings.latency_ms or 0.0 for record in records]
     return RunFigures(
         arm,
@@ -157,7 +161,8 @@ def run_once(
         loop_s=ended - opened - stop_s,
         stop_s=stop_s,
         latency_ms=statistics.median(latencies),
-        sink_commit_s=sum(sink.commit_s for sink in timed[len(CRASH_SAFE_ORDER) :]),
+        sink_commit_s=sum(sink.commit_s for sink in extra.values()),
+        commit_s_by_sink={name: sink.commit_s for name, sink in extra.items()},
         backlog=left,
     )
 
@@ -211,5 +216,11 @@ def summarise(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
         summary["sinks"]["sink_commit_ms_per_image"]["median"]
         / summary["plain"]["ms_per_image"]["median"]
     )
+    summary["commit_ms_per_image_by_sink"] = {
+        name: statistics.median(
+            1000 * run["commit_s_by_sink"][name] / run["images"] for run in runs["sinks"]
+        )
+        for name in runs["sinks"][0]["commit_s_by_sink"]
+    }
     summary["backlog"] = runs["sinks"][-1]["backlog"]
     return summary

@@ -38,6 +38,7 @@ def test_bench_sinks_times_both_arms_and_delivers_every_record(tmp_path: Path) -
     assert plain["images"] == sinks["images"] == 6
     assert plain["sink_commit_s"] == 0 and plain["backlog"] == {}
     assert sinks["sink_commit_s"] > 0 and sinks["backlog"] == {"webhook": 0}
+    assert sinks["commit_s_by_sink"] == {"webhook": sinks["sink_commit_s"]}
     # the warm-up and the timed with-sinks run: 12 records, each delivered once
     ids = receiver.ids()
     assert len(ids) == len(set(ids)) == 12

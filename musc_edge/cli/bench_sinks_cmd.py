@@ -88,10 +88,14 @@ def bench_sinks(
 def show_run(label: str, figures: Any) -> None:
     """One line per run, so a long benchmark shows progress and its noise as it goes."""
     row = figures.as_dict()
+    by_sink = ", ".join(
+        f"{name} {1000 * seconds / row['images']:.2f}"
+        for name, seconds in row["commit_s_by_sink"].items()
+    )
     console.print(
         f"{label} {row['arm']}: {row['wall_s']:.2f} s, {row['ms_per_image']:.0f} ms/image, "
         f"latency {row['latency_ms']:.0f} ms, in sinks {row['sink_commit_ms_per_image']:.2f} "
-        f"ms/image, backlog {row['backlog'] or '-'}"
+        f"ms/image ({by_sink or '-'}), backlog {row['backlog'] or '-'}"
     )
 
 
@@ -105,10 +109,14 @@ def show(report: dict[str, Any]) -> None:
         table.add_row(label, *cells, "" if ratio is None else f"{ratio:.3f}")
     console.print(table)
     pairs = ", ".join(f"{value:.3f}" for value in summary["pair_ratios"])
+    by_sink = ", ".join(
+        f"{name} {ms:.2f}" for name, ms in summary["commit_ms_per_image_by_sink"].items()
+    )
     load = report["load_average"]
     console.print(
         f"medians of {len(summary['pair_ratios'])} runs \\[min-max]; per pair {pairs}; the sinks' "
-        f"commits are {100 * summary['commit_share']:.2f} % of the plain time per image; "
+        f"commits ({by_sink} ms/image) are {100 * summary['commit_share']:.2f} % of the plain "
+        "time per image; "
         f"backlog after the last run {summary['backlog'] or 'none'}; load average "
         f"{load['start'][0]:.2f} -> {load['end'][0]:.2f}"
     )

@@ -208,10 +208,10 @@ def summarise(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
         name: summary["sinks"][name]["median"] / summary["plain"][name]["median"]
         for name in COMPARED
     }
-    summary["pair_ratios"] = [
-        sinks["ms_per_image"] / plain["ms_per_image"]
-        for plain, sinks in zip(runs["plain"], runs["sinks"], strict=True)
-    ]
+    pairs = list(zip(runs["plain"], runs["sinks"], strict=True))
+    summary["pair_ratio"] = {
+        name: spread([sinks[name] / plain[name] for plain, sinks in pairs]) for name in COMPARED
+    }
     summary["commit_share"] = (
         summary["sinks"]["sink_commit_ms_per_image"]["median"]
         / summary["plain"]["ms_per_image"]["median"]

@@ -42,8 +42,10 @@ def test_bench_sinks_times_both_arms_and_delivers_every_record(tmp_path: Path) -
     # the warm-up and the timed with-sinks run: 12 records, each delivered once
     ids = receiver.ids()
     assert len(ids) == len(set(ids)) == 12
-    ratio = report["summary"]["ratio"]["ms_per_image"]
+    summary = report["summary"]
+    ratio = summary["ratio"]["ms_per_image"]
     assert isinstance(ratio, float) and ratio > 0
+    assert summary["pair_ratio"]["ms_per_image"]["median"] == ratio  # one pair: the same
     assert "sinks / plain" in result.output
 
 

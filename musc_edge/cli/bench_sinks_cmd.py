@@ -102,22 +102,23 @@ def show_run(label: str, figures: Any) -> None:
 def show(report: dict[str, Any]) -> None:
     """Medians with their spread per arm, and with-sinks / plain."""
     summary = report["summary"]
-    table = Table("", "plain", "with sinks", "sinks / plain")
+    table = Table("", "plain", "with sinks", "sinks / plain", "per pair")
     for name, label in ROWS.items():
         cells = [_spread(summary[arm][name]) for arm in ("plain", "sinks")]
-        ratio = summary["ratio"].get(name)
-        table.add_row(label, *cells, "" if ratio is None else f"{ratio:.3f}")
+        if name in summary["ratio"]:
+            cells += [f"{summary['ratio'][name]:.3f}", _spread(summary["pair_ratio"][name])]
+        table.add_row(label, *cells)
     console.print(table)
-    pairs = ", ".join(f"{value:.3f}" for value in summary["pair_ratios"])
     by_sink = ", ".join(
         f"{name} {ms:.2f}" for name, ms in summary["commit_ms_per_image_by_sink"].items()
     )
     load = report["load_average"]
     console.print(
-        f"medians of {len(summary['pair_ratios'])} runs \\[min-max]; per pair {pairs}; the sinks' "
-        f"commits ({by_sink} ms/image) are {100 * summary['commit_share']:.2f} % of the plain "
-        "time per image; "
-        f"backlog after the last run {summary['backlog'] or 'none'}; load average "
+        f"medians of {len(report['runs']['plain'])} runs \\[min-max]; 'sinks / plain' divides "
+        "the medians, 'per pair' each with-sinks run by the plain run just before it. The "
+        f"sinks' commits ({by_sink} ms/image) are {100 * summary['commit_share']:.2f} % of the "
+        f"plain time per image; backlog after the last run {summary['backlog'] or 'none'}; "
+        "load average "
         f"{load['start'][0]:.2f} -> {load['end'][0]:.2f}"
     )
 

@@ -9,11 +9,12 @@ threads take from the same cores (the indirect cost, seen only in the totals).
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import statistics
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,25 +71,25 @@ class TimedSink:
         self.stop_s = 0.0  # flush and close, at the end of the run
 
     def commit(self, records: Sequence[ResultRecord], context: CommitContext) -> None:
-        started = time.perf_counter()
-        try:
+        with self._timing("commit_s"):
             self.sink.commit(records, context)
-        finally:
-            self.commit_s += time.perf_counter() - started
 
     def flush(self) -> None:
-        started = time.perf_counter()
-        try:
+        with self._timing("stop_s"):
             self.sink.flush()
-        finally:
-            self.stop_s += time.perf_counter() - started
 
     def close(self) -> None:
+        with self._timing("stop_s"):
+            self.sink.close()
+
+    @contextlib.contextmanager
+    def _timing(self, total: str) -> Iterator[None]:
+        """Adds the time of the block to the attribute named `total`, even if it raises."""
         started = time.perf_counter()
         try:
-            self.sink.close()
+            yield
         finally:
-            self.stop_s += time.perf_counter() - started
+            setattr(self, total, getattr(self, total) + time.perf_counter() - started)
 
 
 @dataclass

@@ -35,6 +35,14 @@ def test_the_example_config_is_valid_and_fills_every_key(tmp_path: Path) -> None
     assert sinks["webhook"]["token_env"] == "MES_TOKEN"
 
 
+def test_relative_paths_in_the_file_are_relative_to_the_file(tmp_path: Path) -> None:
+    folder = tmp_path / "etc"
+    folder.mkdir()
+    (folder / "line.yaml").write_text("camera_dir: cam1\nmodel: /opt/pkg\n")
+    values, _ = merge_line_config(run_context([]), folder / "line.yaml")
+    assert values["camera_dir"] == folder / "cam1" and values["model"] == Path("/opt/pkg")
+
+
 def test_a_flag_wins_over_the_file(tmp_path: Path) -> None:
     values, _ = merge_line_config(run_context(["--batch-size", "8", "--mode", "batch"]), EXAMPLE)
     assert values["batch_size"] == 8 and values["mode"] == "batch"

@@ -3,7 +3,8 @@
 The schema is `run`'s own options: each key is an option's name (`batch_size` or
 `batch-size`), checked and converted by the same parameter type as on the command line, so the
 file and the flags can never disagree on a default, a range or a choice. A flag given on the
-command line wins over the file. `sinks:` maps a sink's name to its options, the same
+command line wins over the file. Relative paths in the file are relative to the file's folder
+(a service starts in `/`). `sinks:` maps a sink's name to its options, the same
 options `--sink NAME:KEY=VALUE` takes.
 """
 
@@ -61,7 +62,10 @@ def merge_line_config(ctx: typer.Context, path: Path) -> tuple[dict[str, Any], d
         if source is not None and source.name in GIVEN:
             continue  # the flag wins
         try:
-            values[name] = param.process_value(ctx, raw)
+            value = param.process_value(ctx, raw)
         except typer.BadParameter as error:
             raise UsageError(f"{path}: {key}: {error.message}") from None
+        if isinstance(value, Path) and not value.is_absolute():
+            value = path.parent / value  # relative to the file, not to where run was started
+        values[name] = value
     return values, {name: dict(options or {}) for name, options in sinks.items()}

@@ -34,6 +34,7 @@ from musc_edge.errors import UsageError
 from musc_edge.musc import MuSc
 from musc_edge.package import load_package
 from musc_edge.runtime import sinks
+from musc_edge.runtime.addresses import is_loopback
 from musc_edge.runtime.journal import RESULTS_FILE, Journal
 from musc_edge.runtime.line import Line, LineSettings
 from musc_edge.runtime.record import ResultRecord, Timings
@@ -42,7 +43,6 @@ from musc_edge.runtime.view import ViewServer, serve
 from musc_edge.runtime.view import server as view_server
 from musc_edge.runtime.view import state as view_state
 from musc_edge.runtime.view.metrics import prometheus_text
-from musc_edge.runtime.view.server import is_loopback
 from musc_edge.runtime.view.state import JournalTail, OutFolderView, ViewState
 from tests.conftest import BOTTLE, need
 from tests.test_runtime_loop import make_line, write_parts

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import ipaddress
 import logging
 import math
 import threading
@@ -26,6 +25,7 @@ from asyncua import Node, Server, ua
 from pydantic import BaseModel, ConfigDict, Field
 
 from musc_edge.errors import UsageError
+from musc_edge.runtime.addresses import is_loopback
 from musc_edge.runtime.record import ResultRecord
 from musc_edge.runtime.sinks import CommitContext, SinkSetup, register_sink, sink_options
 from musc_edge.runtime.verdicts import ANOMALOUS
@@ -85,20 +85,13 @@ def listen_address(options: OpcUaOptions) -> tuple[str, int]:
             f"sink opcua: endpoint {options.endpoint!r} is not opc.tcp://HOST:PORT/PATH "
             "(e.g. opc.tcp://127.0.0.1:4840/musc-edge/)"
         )
-    if not (options.allow_remote or _is_loopback(parts.hostname)):
+    if not (options.allow_remote or is_loopback(parts.hostname)):
         raise UsageError(
             f"sink opcua: endpoint host {parts.hostname} is reachable from other machines and "
             "the server has no encryption or login; set allow_remote=true to serve the line "
             "network anyway (docs/opcua.md)"
         )
     return parts.hostname, port
-
-
-def _is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
 
 
 def _number(value: float | None) -> float:

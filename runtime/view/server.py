@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import ipaddress
 import json
 import logging
 import socket
@@ -33,6 +32,7 @@ from starlette.responses import (
 from starlette.routing import Route
 
 from musc_edge.errors import UsageError
+from musc_edge.runtime.addresses import is_loopback
 from musc_edge.runtime.view.metrics import CONTENT_TYPE, prometheus_text
 from musc_edge.runtime.view.state import OutFolderView
 
@@ -194,15 +194,6 @@ def create_app(out_dir: Path) -> Starlette:
     )
     app.state.hub = hub
     return app
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def bind(host: str, port: int) -> socket.socket:

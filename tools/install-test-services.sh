@@ -9,9 +9,10 @@ need=()
 if [ ${#need[@]} -eq 0 ]; then
   exit 0
 fi
-if [ "$(id -u)" -ne 0 ]; then
-  echo "install ${need[*]} (as root: apt-get install ${need[*]})" >&2
-  exit 1
+if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null; then
+  # not root, or not Debian: the package still installs; the tests that need these skip
+  echo "note: ${need[*]} not installed; as root on Debian: apt-get install ${need[*]}" >&2
+  exit 0
 fi
 apt-get update -qq
 DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null

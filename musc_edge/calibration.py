@@ -81,7 +81,7 @@ class Calibration:
     target_frr: float
     threshold: float
     info: dict = field(default_factory=dict)  # when and from where, for people
-    positional: Positional | None = None  # --aligned: scores in units of each position's spread
+    positional: Positional | None = None  # --aligned: scores in multiples of the threshold
 
     def __len__(self) -> int:
         return len(self.files)

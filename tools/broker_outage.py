@@ -10,11 +10,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import pwd
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import threading
@@ -23,32 +20,12 @@ from pathlib import Path
 
 from paho.mqtt.client import Client
 from paho.mqtt.enums import CallbackAPIVersion
+from sink_receivers import free_port, start_mosquitto  # beside this script in tools/
 
 from musc_edge.images import list_images
 from musc_edge.runtime.journal import Journal
 
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def start_broker(folder: Path, port: int) -> subprocess.Popen:
-    config = folder / "mosquitto.conf"
-    user = pwd.getpwuid(os.getuid()).pw_name
-    config.write_text(
-        f"listener {port} 127.0.0.1\nallow_anonymous true\nuser {user}\npersistence true\n"
-        f"persistence_location {folder}/\nlog_dest file {folder}/mosquitto.log\n"
-    )
-    process = subprocess.Popen(["/usr/sbin/mosquitto", "-c", str(config)])
-    for _ in range(500):
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return process
-        except OSError:
-            time.sleep(0.02)
-    raise SystemExit("mosquitto did not start")
+MOSQUITTO = "/usr/sbin/mosquitto"
 
 
 def subscribe(port: int, topic: str, received: list[str]) -> Client:
@@ -78,7 +55,7 @@ def main() -> None:
     for folder in (camera, broker_dir):
         folder.mkdir()
     port = free_port()
-    broker = start_broker(broker_dir, port)
+    broker = start_mosquitto(MOSQUITTO, broker_dir, port, persistent=True)
     received: list[str] = []
     receiver = subscribe(port, "musc/line1/cam1/result", received)
     sink = f"mqtt:host=127.0.0.1,port={port},line=line1,station=cam1,heartbeat_s=2"
@@ -110,7 +87,7 @@ def main() -> None:
     down_at = time.monotonic()
     print(f"broker down for {args.outage:.0f} s ...", flush=True)
     time.sleep(args.outage)
-    broker = start_broker(broker_dir, port)
+    broker = start_mosquitto(MOSQUITTO, broker_dir, port, persistent=True)
     print(f"broker back after {time.monotonic() - down_at:.0f} s", flush=True)
     feed_done.wait()
     time.sleep(10)

@@ -33,13 +33,17 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def start_mosquitto(binary: str, folder: Path, port: int) -> subprocess.Popen:
+def start_mosquitto(
+    binary: str, folder: Path, port: int, persistent: bool = False
+) -> subprocess.Popen:
     """Mosquitto on loopback with anonymous clients, as the current user (as root it would
-    otherwise switch to the `mosquitto` user); returns once it accepts connections."""
+    otherwise switch to the `mosquitto` user); returns once it accepts connections.
+    `persistent`: queued QoS 1 messages survive a restart of the broker (saved in `folder`)."""
     config = folder / "mosquitto.conf"
     user = pwd.getpwuid(os.getuid()).pw_name
+    keep = f"persistence true\npersistence_location {folder}/\n" if persistent else ""
     config.write_text(
-        f"listener {port} {HOST}\nallow_anonymous true\nuser {user}\n"
+        f"listener {port} {HOST}\nallow_anonymous true\nuser {user}\n{keep}"
         f"log_dest file {folder}/mosquitto.log\n"
     )
     process = subprocess.Popen([binary, "-c", str(config)])

@@ -9,10 +9,11 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from musc_edge.runtime.verdicts import ANOMALOUS, NORMAL
 from musc_edge.runtime.view.state import epoch
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-VERDICTS = ("anomalous", "normal", "unlabelled")
+VERDICTS = (ANOMALOUS, NORMAL, "unlabelled")  # the labels of the counts, as the line writes them
 
 Sample = tuple[Mapping[str, str], float | int | bool | None]
 

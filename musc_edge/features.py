@@ -87,12 +87,24 @@ def extract_features(
     return Features(good, per_layer, torch.cat(embeddings), failures)
 
 
-def torch_extractor(backbone: torch.nn.Module, device: str = "cpu") -> Extractor:
-    """An extractor around an in-process torch backbone (development and evaluation)."""
+def torch_extractor(
+    backbone: torch.nn.Module, device: str = "cpu", dtype: torch.dtype = torch.float32
+) -> Extractor:
+    """An extractor around an in-process torch backbone (development and evaluation).
+
+    A half-width `dtype` runs the matrix products under autocast (normalisations and softmax
+    stay fp32) and hands float32 features on, so everything after the backbone is unchanged.
+    """
     backbone = backbone.to(device)
+    device_type = torch.device(device).type
+    half = dtype != torch.float32
 
     @torch.no_grad()
     def run(batch: np.ndarray) -> tuple[list[torch.Tensor], torch.Tensor]:
-        return backbone(torch.from_numpy(batch).to(device))
+        with torch.autocast(device_type, dtype=dtype, enabled=half):
+            tokens, embedding = backbone(torch.from_numpy(batch).to(device))
+        if half:
+            return [layer.float() for layer in tokens], embedding.float()
+        return tokens, embedding
 
     return run

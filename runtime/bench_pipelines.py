@@ -9,13 +9,16 @@ from __future__ import annotations
 
 from musc_edge.musc import MuSc
 from musc_edge.package import ModelPackage
+from musc_edge.precision import Precision
 from musc_edge.runtime.benchmark import Pipeline
 from musc_edge.runtime.runners import open_runner
 
 
-def line_pipeline(package: ModelPackage, engine: str, precision: str) -> Pipeline:
-    runner = open_runner(package, engine, allow_random_init=True)
-    musc = MuSc.from_settings(package.musc, precision)
+def line_pipeline(
+    package: ModelPackage, engine: str, backbone_precision: Precision | None, msm_precision: str
+) -> Pipeline:
+    runner = open_runner(package, engine, allow_random_init=True, precision=backbone_precision)
+    musc = MuSc.from_settings(package.musc, msm_precision)
     return Pipeline(
         f"musc-edge {runner.description}", package.preprocessing(), runner, musc, package.max_batch
     )

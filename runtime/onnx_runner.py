@@ -7,6 +7,7 @@ import onnxruntime as ort
 import torch
 
 from musc_edge.package import ONNX_FILE, ModelPackage, PackageError
+from musc_edge.precision import Precision
 from musc_edge.runtime.runners import Runner
 
 PREFERRED_PROVIDERS = (
@@ -24,8 +25,13 @@ def choose_providers(available: list[str]) -> list[str]:
 class OnnxRuntimeRunner(Runner):
     name = "onnxruntime"
 
-    def __init__(self, package: ModelPackage, allow_random_init: bool = False) -> None:
-        super().__init__(package)  # random weights matter only to the torch runner
+    def __init__(
+        self,
+        package: ModelPackage,
+        allow_random_init: bool = False,
+        precision: Precision | None = None,
+    ) -> None:
+        super().__init__(package, precision=precision)  # random weights: the torch runner's
         path = package.path(ONNX_FILE)
         if not path.is_file():
             raise PackageError(f"{package.folder} has no {ONNX_FILE}; export the package again")

@@ -17,6 +17,7 @@ import torch
 
 from musc_edge.errors import UsageError
 from musc_edge.package import ENGINE_FILE, ONNX_FILE, ModelPackage, PackageError
+from musc_edge.precision import Precision, parse_precision
 
 
 class RunnerError(PackageError):
@@ -49,12 +50,23 @@ ENGINES = tuple(RUNNERS)
 
 
 class Runner(ABC):
-    """A loaded backbone engine; call it like an `Extractor`."""
+    """A loaded backbone engine; call it like an `Extractor`.
+
+    `precision` is the backbone's arithmetic: None is the runner's default (fp32, or what a
+    TensorRT engine was built with); a runner lists in `precisions` what it can run.
+    """
 
     name: str = ""
+    precisions: tuple[Precision, ...] = (Precision.fp32,)
 
-    def __init__(self, package: ModelPackage, allow_random_init: bool = False) -> None:
+    def __init__(
+        self,
+        package: ModelPackage,
+        allow_random_init: bool = False,
+        precision: Precision | None = None,
+    ) -> None:
         self.package = package
+        self.precision = precision or self.precisions[0]
         self.description = self.name
 
     @abstractmethod
@@ -63,28 +75,34 @@ class Runner(ABC):
 
 
 def open_runner(
-    package: ModelPackage, engine: str = "auto", allow_random_init: bool = False
+    package: ModelPackage,
+    engine: str = "auto",
+    allow_random_init: bool = False,
+    precision: Precision | str | None = None,
 ) -> Runner:
     """The runner for `engine`, or with "auto" the first registered runner that this machine
-    and package can run; the error lists why each one was passed over.
+    and package can run at `precision`; the error lists why each one was passed over.
     """
     if engine not in ("auto", *ENGINES):
         raise UsageError(f"unknown engine {engine!r}; choose auto or one of {', '.join(ENGINES)}")
+    precision = parse_precision(precision) if precision is not None else None
     if engine != "auto":
-        return _open(engine, package, allow_random_init)
+        return _open(engine, package, allow_random_init, precision)
     reasons = []
     for name, entry in RUNNERS.items():
         if entry.artifact is not None and not package.path(entry.artifact).is_file():
             reasons.append(f"{name}: the package has no {entry.artifact}")
             continue
         try:
-            return _open(name, package, allow_random_init)
+            return _open(name, package, allow_random_init, precision)
         except PackageError as error:  # RunnerError included
             reasons.append(f"{name}: {error}")
     raise RunnerError(f"no engine can run {package.folder} here: " + "; ".join(reasons))
 
 
-def _open(name: str, package: ModelPackage, allow_random_init: bool) -> Runner:
+def _open(
+    name: str, package: ModelPackage, allow_random_init: bool, precision: Precision | None
+) -> Runner:
     entry = RUNNERS[name]
     try:
         runner_class = getattr(importlib.import_module(entry.module), entry.class_name)
@@ -93,4 +111,9 @@ def _open(name: str, package: ModelPackage, allow_random_init: bool) -> Runner:
         raise RunnerError(
             f"the {name} engine needs {missing}: install musc-edge with the {entry.extra} extra"
         ) from None
-    return runner_class(package, allow_random_init)
+    if precision is not None and precision not in runner_class.precisions:
+        runs = ", ".join(p.value for p in runner_class.precisions)
+        raise RunnerError(
+            f"the {name} engine runs the backbone in {runs} only, not {precision.value}"
+        )
+    return runner_class(package, allow_random_init, precision)

@@ -11,6 +11,7 @@ import tensorrt as trt
 import torch
 
 from musc_edge.package import ENGINE_FILE, ModelPackage, PackageError
+from musc_edge.precision import Precision
 from musc_edge.runtime.engine_check import check_engine
 from musc_edge.runtime.runners import Runner, RunnerError
 
@@ -36,8 +37,21 @@ _DTYPES = {
 class TensorRTRunner(Runner):
     name = "tensorrt"
 
-    def __init__(self, package: ModelPackage, allow_random_init: bool = False) -> None:
-        super().__init__(package)  # random weights matter only to the torch runner
+    precisions = tuple(Precision)  # the engine's own: chosen when it was built
+
+    def __init__(
+        self,
+        package: ModelPackage,
+        allow_random_init: bool = False,
+        precision: Precision | None = None,
+    ) -> None:
+        built = Precision(package.precision)
+        if precision not in (None, built):
+            raise RunnerError(
+                f"{package.folder}'s engine was built for {built.value}; rebuild it with "
+                f"--engine-precision {precision.value} to run the backbone in {precision.value}"
+            )
+        super().__init__(package, precision=built)  # random weights: the torch runner's
         if not torch.cuda.is_available():
             raise RunnerError("TensorRT needs a CUDA device and torch sees none")
         path = package.path(ENGINE_FILE)

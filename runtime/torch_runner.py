@@ -13,7 +13,8 @@ import torch
 
 from musc_edge.features import torch_extractor
 from musc_edge.package import ModelPackage, PackageError
-from musc_edge.runtime.runners import Runner
+from musc_edge.precision import Precision
+from musc_edge.runtime.runners import Runner, RunnerError
 
 
 def weights_arguments(package: ModelPackage, allow_random_init: bool) -> dict:
@@ -43,9 +44,15 @@ def weights_arguments(package: ModelPackage, allow_random_init: bool) -> dict:
 
 class TorchRunner(Runner):
     name = "torch"
+    precisions = (Precision.fp32, Precision.bf16, Precision.fp16)
 
-    def __init__(self, package: ModelPackage, allow_random_init: bool = False) -> None:
-        super().__init__(package, allow_random_init)
+    def __init__(
+        self,
+        package: ModelPackage,
+        allow_random_init: bool = False,
+        precision: Precision | None = None,
+    ) -> None:
+        super().__init__(package, allow_random_init, precision)
         from musc_edge.models import MissingWeightsError, create_backbone
 
         try:
@@ -64,8 +71,13 @@ class TorchRunner(Runner):
                 f"but {backbone.weights.source} has {found[:12]}...; the scores would differ"
             )
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.extract = torch_extractor(backbone, device)
-        self.description = f"torch {torch.__version__} on {device} ({backbone.weights.source})"
+        if self.precision is Precision.fp16 and device == "cpu":
+            raise RunnerError("fp16 backbones run on CUDA only; on a CPU use bf16 or fp32")
+        self.extract = torch_extractor(backbone, device, self.precision.dtype)
+        self.description = (
+            f"torch {torch.__version__} on {device}, {self.precision.value} "
+            f"({backbone.weights.source})"
+        )
 
     def __call__(self, batch: np.ndarray) -> tuple[list[torch.Tensor], torch.Tensor]:
         return self.extract(batch)

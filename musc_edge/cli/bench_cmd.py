@@ -27,6 +27,7 @@ def bench(
     ctx: typer.Context,
     model: Path | None = typer.Option(None, "--model", "-m", help="Model package folder."),
     engine: options.Engine = options.EngineOpt,
+    backbone_precision: Precision | None = options.BackbonePrecision,
     msm_precision: Precision = typer.Option(
         Precision.fp32, "--msm-precision", help="Precision of MSM's similarity products."
     ),
@@ -65,7 +66,7 @@ def bench(
     with user_errors(), tempfile.TemporaryDirectory() as work:
         package = load_package(model)
         folder = images or write_synthetic(Path(work), max(sizes), package.image_size)
-        ours = line_pipeline(package, engine.value, msm_precision.value)
+        ours = line_pipeline(package, engine.value, backbone_precision, msm_precision.value)
         if calibration is not None:
             from musc_edge.calibration import load_calibration
 
@@ -79,6 +80,7 @@ def bench(
         report = {
             "model": str(model),
             "engine": ours.name,
+            "backbone_precision": ours.extractor.precision.value,
             "msm_precision": msm_precision.value,
             "calibration": str(calibration) if calibration else None,
             "environment": environment(),

@@ -10,6 +10,7 @@ from rich.table import Table
 
 from musc_edge.cli import options
 from musc_edge.cli.errors import user_errors
+from musc_edge.precision import Precision
 
 console = Console(soft_wrap=True)  # long paths stay whole in logs, whatever the width
 
@@ -32,6 +33,7 @@ def bench_line(
         0, "--refresh-references", min=0, help="As for run: recent clearly-normal parts join."
     ),
     engine: options.Engine = options.EngineOpt,
+    backbone_precision: Precision | None = options.BackbonePrecision,
     json_out: Path | None = typer.Option(None, "--json", help="Write every figure as JSON."),
 ) -> None:
     """Build each stream, run `musc-edge run --once` over it and report recall, false rejects,
@@ -48,7 +50,7 @@ def bench_line(
     rows = []
     with user_errors():
         package = load_package(model)
-        runner = open_runner(package, engine.value)
+        runner = open_runner(package, engine.value, precision=backbone_precision)
         musc = MuSc.from_settings(package.musc)
         source = StreamSource(root, category, calibration)
         settings = {

@@ -25,6 +25,12 @@ MsmPrecision = typer.Option(
     "--msm-precision",
     help="Precision of MSM's similarity products: fp32 (exact), bf16, fp16.",
 )
+BackbonePrecision = typer.Option(
+    None,
+    "--backbone-precision",
+    help="Backbone arithmetic: fp32, bf16 (CPUs with AVX512-BF16/AMX), fp16 (GPU); "
+    "default: the engine's own (fp32; a TensorRT engine's build precision).",
+)
 Weights = typer.Option(
     None, "--weights", help="Local weights file (safetensors or torch state dict)."
 )

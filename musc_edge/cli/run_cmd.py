@@ -79,6 +79,7 @@ def run(
         None, "--out", help="Results folder (default: CAMERA_DIR-musc-results beside it)."
     ),
     engine: options.Engine = options.EngineOpt,
+    backbone_precision: Precision | None = options.BackbonePrecision,
     msm_precision: Precision | None = typer.Option(
         None,
         "--msm-precision",
@@ -190,7 +191,7 @@ def run_line(values: dict, sinks: dict, stop: threading.Event) -> None:
     console.print(f"loading {model} ...")
     package = load_package(model)
     engine = options.Engine(values["engine"]).value
-    runner = open_runner(package, engine, values["allow_random_init"])
+    runner = open_runner(package, engine, values["allow_random_init"], values["backbone_precision"])
     precision = values["msm_precision"] and Precision(values["msm_precision"])
     musc = MuSc.from_settings(package.musc, precision)
     with live_view(out_dir, values["serve"], values["allow_remote"]):

@@ -28,3 +28,19 @@ def parse_precision(value: Precision | str) -> Precision:
     except ValueError:
         names = ", ".join(p.value for p in Precision)
         raise UsageError(f"unknown precision {value!r}; choose one of {names}") from None
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (x86 AVX512-BF16 or AMX, Arm BF16): without
+    it bf16 is emulated and slower than fp32, so asking for it is refused, not granted."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            flags = {
+                flag
+                for line in info
+                if line.startswith(("flags", "Features"))
+                for flag in line.split()
+            }
+    except OSError:
+        return False
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})

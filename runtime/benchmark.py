@@ -25,6 +25,7 @@ from musc_edge.errors import MuscEdgeError
 from musc_edge.features import Extractor
 from musc_edge.images import Preprocess, list_images, read_image
 from musc_edge.musc import Hooks, MuSc, References
+from musc_edge.parallel import thread_map
 from musc_edge.visualize import normalise_maps, overlay, write_png
 
 STAGES = ("decode", "backbone", "lnamd", "bank", "msm", "rscin", "write")  # bank: calibrated
@@ -124,8 +125,8 @@ def run_once(pipeline: Pipeline, paths: Sequence[Path], out_dir: Path) -> RunOut
     """Decode+preprocess, backbone, LNAMD, MSM, RsCIN and result writing for one batch."""
     watch = Stopwatch()
     with watch.stage("decode"):
-        images = [read_image(path) for path in paths]
-        batch = np.stack([pipeline.preprocess(image) for image in images])
+        images = thread_map(read_image, paths)
+        batch = np.stack(thread_map(pipeline.preprocess, images))
     tokens: list[list[torch.Tensor]] = []
     embeddings = []
     with watch.stage("backbone"):
@@ -151,9 +152,13 @@ def write_results(
 ) -> None:
     """What the line writes per image: a JSON line and a heatmap overlay PNG."""
     heat = normalise_maps(maps.numpy(), "batch")
+
+    def write_overlay(index: int) -> None:
+        write_png(out_dir / f"{index:05d}.png", overlay(images[index], heat[index]))
+
+    thread_map(write_overlay, range(len(images)))
     with open(out_dir / "results.jsonl", "w") as journal:
-        for index, (image, score) in enumerate(zip(images, scores.tolist(), strict=True)):
-            write_png(out_dir / f"{index:05d}.png", overlay(image, heat[index]))
+        for index, score in enumerate(scores.tolist()):
             journal.write(json.dumps({"index": index, "score": score}) + "\n")
 
 

@@ -12,7 +12,10 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_for
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +26,7 @@ from musc_edge.errors import UsageError
 from musc_edge.images import DEFAULT_MAX_PIXELS
 from musc_edge.musc import MuSc
 from musc_edge.package import ModelPackage
+from musc_edge.parallel import usable_cores
 from musc_edge.runtime.camera import Arrival, CameraDir
 from musc_edge.runtime.journal import Journal
 from musc_edge.runtime.known_good import Joined, KnownGood
@@ -64,6 +68,13 @@ class LineSettings:
     max_wait: float | None = 60.0  # watch, batch mode: score a partial batch this old
     sinks: SinkSpecs = field(default_factory=dict)  # extra sinks: name -> options, in order
     max_pixels: int = DEFAULT_MAX_PIXELS  # images declaring more are refused undecoded
+    overlap: bool | None = None  # batch mode: extract the next images while one is scored
+
+
+def overlap_helps() -> bool:
+    """Whether extracting the next images while a batch is scored pays here: with a GPU, or
+    with more than two cores (on two cores both stages want both; docs/benchmarks.md)."""
+    return torch.cuda.is_available() or usable_cores() > 2
 
 
 @dataclass
@@ -162,6 +173,12 @@ class Line:
             else None
         )
         self.in_hand: list[Item] = []
+        overlap = overlap_helps() if settings.overlap is None else settings.overlap
+        # batch mode with overlap: one batch is scored in this thread while the loop extracts
+        self.scorer = (
+            ThreadPoolExecutor(1, "musc-score") if overlap and settings.mode == "batch" else None
+        )
+        self.scoring: tuple[Future[list[Answer]], float] | None = None  # in flight, started
         self.run_info = {
             "mode": settings.mode,
             "camera_dir": str(settings.camera_dir),
@@ -175,6 +192,7 @@ class Line:
             "calibration": str(settings.calibration) if settings.calibration else None,
             "known_good_parts": len(self.known_good) if self.known_good else 0,
             "map_norm": settings.map_norm,
+            "overlap": self.scorer is not None,
         }
         self.sinks: list[Sink] = open_sinks(
             SinkSetup(settings.out_dir, self.journal, self.run_info), settings.sinks
@@ -193,6 +211,8 @@ class Line:
         try:
             return self._loop(stop or threading.Event())
         finally:
+            if self.scorer is not None:
+                self.scorer.shutdown(wait=True)
             for sink in self.sinks:
                 sink.flush()
                 sink.close()
@@ -210,7 +230,8 @@ class Line:
                 self._receive(arrivals)
             done = not settings.watch and self.camera.pending == 0
             if self.rolling is None:
-                if self._batch_due(stopping or done):
+                worked = self._collect_scored() or worked
+                if self.scoring is None and self._batch_due(stopping or done):
                     self._score_batch()
                     worked = True
             elif stopping or done:
@@ -218,16 +239,25 @@ class Line:
             self.stats.pending = self.camera.pending + len(self.in_hand)
             self.stats.seen = self.stats.resumed + self.camera.handed_out + self.camera.pending
             self.on_update(self.stats)
-            if (stopping or done) and not self.in_hand:
+            if (stopping or done) and not self.in_hand and self.scoring is None:
                 return self.stats
             if not worked:
-                stop.wait(settings.poll)
+                self._wait(stop)
+
+    def _wait(self, stop: threading.Event) -> None:
+        """Until the next poll, or sooner when the batch in flight is scored."""
+        if self.scoring is None:
+            stop.wait(self.settings.poll)
+        else:
+            wait_for([self.scoring[0]], timeout=self.settings.poll)
 
     def _room(self) -> int:
         """How many files to take now: enough to fill the batch, in engine-sized chunks."""
         if self.rolling is not None:
             return self.package.max_batch
-        return max(1, min(self.package.max_batch, self.settings.batch_size - len(self.in_hand)))
+        room = self.settings.batch_size - len(self.in_hand)
+        # without overlap a full batch is scored before the next take, so take at least one
+        return min(self.package.max_batch, room if self.scorer is not None else max(1, room))
 
     def _batch_due(self, finishing: bool) -> bool:
         if not self.in_hand:
@@ -267,11 +297,21 @@ class Line:
                 self._timed_commit(lambda item=item: self.rolling.add(item))
 
     def _score_batch(self) -> None:
-        items, self.in_hand = self.in_hand, []
-        settings = self.settings
-        self._timed_commit(
-            lambda: score_batch(items, self.musc, settings.map_norm, self.known_good)
-        )
+        size = self.settings.batch_size
+        items, self.in_hand = self.in_hand[:size], self.in_hand[size:]
+        score = partial(score_batch, items, self.musc, self.settings.map_norm, self.known_good)
+        if self.scorer is None:
+            self._timed_commit(score)
+        else:
+            self.scoring = (self.scorer.submit(score), time.perf_counter())
+
+    def _collect_scored(self) -> bool:
+        """Commit the batch scored in the worker, if it is done (its errors are raised here)."""
+        if self.scoring is None or not self.scoring[0].done():
+            return False
+        (future, started), self.scoring = self.scoring, None
+        self._commit_answers(future.result(), (time.perf_counter() - started) * 1000)
+        return True
 
     def _timed_commit(self, score: Callable[[], list[Answer]]) -> None:
         started = time.perf_counter()

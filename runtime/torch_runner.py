@@ -13,7 +13,7 @@ import torch
 
 from musc_edge.features import torch_extractor
 from musc_edge.package import ModelPackage, PackageError
-from musc_edge.precision import Precision
+from musc_edge.precision import Precision, cpu_has_bf16
 from musc_edge.runtime.runners import Runner, RunnerError
 
 
@@ -73,6 +73,11 @@ class TorchRunner(Runner):
         device = "cuda" if torch.cuda.is_available() else "cpu"
         if self.precision is Precision.fp16 and device == "cpu":
             raise RunnerError("fp16 backbones run on CUDA only; on a CPU use bf16 or fp32")
+        if self.precision is Precision.bf16 and device == "cpu" and not cpu_has_bf16():
+            raise RunnerError(
+                "this CPU has no native bf16 (AVX512-BF16, AMX or Arm BF16): bf16 would run "
+                "slower than fp32 here; use --backbone-precision fp32"
+            )
         self.extract = torch_extractor(backbone, device, self.precision.dtype)
         self.description = (
             f"torch {torch.__version__} on {device}, {self.precision.value} "

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from pathlib import Path
 
 import cv2
@@ -71,7 +72,8 @@ def results(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / RESULTS_FILE).read_text().splitlines()]
 
 
-def test_each_file_gets_one_line_and_bad_ones_are_set_aside(tmp_path: Path) -> None:
+@pytest.mark.parametrize("overlap", [False, True])
+def test_each_file_gets_one_line_and_bad_ones_are_set_aside(tmp_path: Path, overlap: bool) -> None:
     camera = tmp_path / "camera"
     names = write_parts(camera, 9)
     (camera / "empty.png").write_bytes(b"")
@@ -88,7 +90,7 @@ def test_each_file_gets_one_line_and_bad_ones_are_set_aside(tmp_path: Path) -> N
     (camera / ".cache").mkdir()
     (camera / ".cache" / "thumb.png").write_bytes(data)
 
-    stats = make_line(tmp_path, decode_timeout=0.0).run()
+    stats = make_line(tmp_path, decode_timeout=0.0, overlap=overlap).run()
 
     out = tmp_path / "out"
     lines = results(out)
@@ -146,13 +148,67 @@ def test_a_file_rewritten_in_place_is_a_new_image(tmp_path: Path) -> None:
     assert [r["file"] for r in results(tmp_path / "out")].count(names[0]) == 2
 
 
-def test_stop_finishes_the_batch_in_hand(tmp_path: Path) -> None:
+@pytest.mark.parametrize("overlap", [False, True])
+def test_stop_finishes_the_batch_in_hand(tmp_path: Path, overlap: bool) -> None:
     write_parts(tmp_path / "camera", 3)
     stop = threading.Event()
-    line = make_line(tmp_path, watch=True, batch_size=10)
+    line = make_line(tmp_path, watch=True, batch_size=10, overlap=overlap)
     line.on_update = lambda stats: stop.set() if line.in_hand else None
     stats = line.run(stop)
     assert stats.scored == 3 and len(results(tmp_path / "out")) == 3
+
+
+class SlowMuSc(MuSc):
+    """MuSc that takes long enough for the loop to extract more images meanwhile, and notes
+    how many files the line had taken when each batch's scoring ended."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.taken: list[int] = []
+        self.line: Line | None = None
+
+    def score_pooled(self, *args, **kwargs):
+        time.sleep(0.3)
+        result = super().score_pooled(*args, **kwargs)
+        self.taken.append(self.line.camera.handed_out)
+        return result
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_overlap_extracts_the_next_images_while_a_batch_is_scored(
+    tmp_path: Path, overlap: bool
+) -> None:
+    write_parts(tmp_path / "camera", 10)
+    package = write_package(tmp_path / "pkg", image_size=SIZE, layers=[1, 2])
+    settings = LineSettings(
+        tmp_path / "camera",
+        tmp_path / "out",
+        batch_size=4,
+        settle=0.0,
+        poll=0.01,
+        watch=False,
+        overlap=overlap,
+    )
+    musc = SlowMuSc()
+    line = Line(settings, package, PooledColours(package), musc)
+    musc.line = line
+    stats = line.run()
+
+    records = results(tmp_path / "out")
+    assert stats.scored == 10 and [r["batch"] for r in records] == [1] * 4 + [2] * 4 + [3] * 2
+    assert [r["file"] for r in records] == sorted(r["file"] for r in records)
+    assert json.loads((tmp_path / "out" / "batches" / "000001" / "manifest.json").read_text())
+    # inline, nothing is taken while a batch is scored; overlapped, the next batch is
+    assert musc.taken == ([8, 10, 10] if overlap else [4, 8, 10])
+
+
+def test_overlap_gives_the_same_scores_as_inline(tmp_path: Path) -> None:
+    write_parts(tmp_path / "camera", 9)
+    make_line(tmp_path, out_dir=tmp_path / "inline", overlap=False).run()
+    make_line(tmp_path, out_dir=tmp_path / "overlap", overlap=True).run()
+    inline, overlapped = results(tmp_path / "inline"), results(tmp_path / "overlap")
+    keys = ("file", "batch", "score", "label")
+    assert [[r[k] for k in keys] for r in inline] == [[r[k] for k in keys] for r in overlapped]
 
 
 def test_rolling_holds_a_warm_up_group_then_answers_one_by_one(tmp_path: Path) -> None:

@@ -45,6 +45,7 @@ def evaluate(
     image_size: int | None = options.ImageSize,
     layers: str | None = options.Layers,
     msm_precision: Precision | None = options.MsmPrecision,
+    backbone_precision: Precision | None = options.BackbonePrecision,
     weights: Path | None = options.Weights,
     pretrained: str | None = options.Pretrained,
     random_init: bool = options.RandomInit,
@@ -64,11 +65,13 @@ def evaluate(
         categories = list_categories(dataset, root) if category == "all" else [category]
         samples = {name: load_samples(dataset, root, name) for name in categories}
         model = options.build_backbone(config, weights, pretrained, random_init)
-        extractor = torch_extractor(model, options.resolve_device(device))
+        backbone_precision = backbone_precision or Precision.fp32
+        extractor = torch_extractor(model, options.resolve_device(device), backbone_precision.dtype)
         musc = MuSc(config.r_list, config.frac, config.k_list, config.precision)
         console.print(
             f"[bold]{dataset}[/] {', '.join(categories)}: {config.backbone} at "
-            f"{config.image_size}px, blocks {list(model.layers)}, {config.precision}, "
+            f"{config.image_size}px, blocks {list(model.layers)}, backbone "
+            f"{backbone_precision.value}, MSM {config.precision}, "
             f"weights {model.weights.source}"
         )
         shot_counts = parse_shots(shots, references)
@@ -117,6 +120,7 @@ def evaluate(
             "config": {
                 **config.to_dict(),
                 "layers": list(model.layers),
+                "backbone_precision": backbone_precision.value,
                 "dataset": dataset,
                 "weights": asdict(model.weights),
             },

@@ -29,7 +29,7 @@ BackbonePrecision = typer.Option(
     None,
     "--backbone-precision",
     help="Backbone arithmetic: fp32, bf16 (CPUs with AVX512-BF16/AMX), fp16 (GPU); "
-    "default: the engine's own (fp32; a TensorRT engine's build precision).",
+    "Default: fp32 (a TensorRT engine: its build precision).",
 )
 Weights = typer.Option(
     None, "--weights", help="Local weights file (safetensors or torch state dict)."

@@ -103,6 +103,12 @@ def run(
     map_norm: MapNorm = typer.Option(
         MapNorm.batch, "--map-norm", help="Heatmaps scaled over the batch or per image."
     ),
+    overlap: bool | None = typer.Option(
+        None,
+        "--overlap/--no-overlap",
+        help="Batch mode: extract the next images while a batch is scored (default: with a GPU "
+        "or more than two cores).",
+    ),
     poll: float = typer.Option(0.5, "--poll", min=0.01, help="Seconds between folder scans."),
     settle: float = typer.Option(
         1.0, "--settle", min=0, help="Seconds a file must stay unchanged before it is read."
@@ -186,6 +192,7 @@ def run_line(values: dict, sinks: dict, stop: threading.Event) -> None:
         max_pixels=values["max_pixels"],
         calibration=values["calibration"],
         refresh_references=values["refresh_references"],
+        overlap=values["overlap"],
     )
     model = Path(values["model"])
     console.print(f"loading {model} ...")

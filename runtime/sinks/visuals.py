@@ -10,8 +10,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from musc_edge.parallel import thread_map
 from musc_edge.runtime.outputs import pixel_map
 from musc_edge.runtime.record import ResultRecord
+from musc_edge.runtime.scoring import Answer
 from musc_edge.runtime.sinks import CommitContext, SinkSetup, register_sink
 from musc_edge.visualize import overlay, write_png
 
@@ -22,15 +24,15 @@ class VisualsSink:
         self.out_dir = setup.out_dir
 
     def commit(self, records: Sequence[ResultRecord], context: CommitContext) -> None:
-        for record in records:
-            answer = context.answers.get(record.file)
-            if answer is None or record.overlay is None:
-                continue
-            item = answer.item
-            write_png(self.out_dir / record.overlay, overlay(item.preview, answer.heat))
-            if record.mask is not None:
-                mask = pixel_map(answer.patch_map, item.shape) > record.threshold
-                write_png(self.out_dir / record.mask, mask.astype(np.uint8) * 255)
+        drawn = [r for r in records if r.overlay is not None and r.file in context.answers]
+        thread_map(lambda record: self._write(record, context.answers[record.file]), drawn)
+
+    def _write(self, record: ResultRecord, answer: Answer) -> None:
+        item = answer.item
+        write_png(self.out_dir / record.overlay, overlay(item.preview, answer.heat))
+        if record.mask is not None:
+            mask = pixel_map(answer.patch_map, item.shape) > record.threshold
+            write_png(self.out_dir / record.mask, mask.astype(np.uint8) * 255)
 
     def flush(self) -> None:
         """Every file is complete when `commit` returns."""

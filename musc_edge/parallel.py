@@ -1,0 +1,34 @@
+"""Decoding and encoding images on every core: OpenCV releases the GIL while it works, so a
+thread per core turns a one-core stage (PNG decode, PNG encode) into an all-core one."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from functools import cache
+from typing import TypeVar
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (a container's CPU set, not the host's count)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0)) or 1
+    return os.cpu_count() or 1
+
+
+@cache
+def _pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(usable_cores(), "musc-io")
+
+
+def thread_map(function: Callable[[T], R], items: Iterable[T]) -> list[R]:
+    """`[function(item) for item in items]` on one thread per core, in order; the first
+    exception is raised here, as in the plain loop."""
+    items = list(items)
+    if len(items) < 2 or usable_cores() < 2:
+        return [function(item) for item in items]
+    return list(_pool().map(function, items))

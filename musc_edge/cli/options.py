@@ -28,7 +28,7 @@ MsmPrecision = typer.Option(
 BackbonePrecision = typer.Option(
     None,
     "--backbone-precision",
-    help="Backbone arithmetic: fp32, bf16 (CPUs with AVX512-BF16/AMX), fp16 (GPU); "
+    help="Backbone arithmetic: fp32, bf16 (CPUs with AVX512-BF16/AMX), fp16 (GPU). "
     "Default: fp32 (a TensorRT engine: its build precision).",
 )
 Weights = typer.Option(

@@ -25,6 +25,9 @@ def bench_line(
         help="grouped, shuffled, defects-first, repeated, mixed or drift (repeatable).",
     ),
     mode: list[str] = typer.Option(["batch"], "--mode", help="batch or rolling (repeatable)."),
+    overlap: list[str] = typer.Option(
+        ["auto"], "--overlap", help="Batch mode: auto, on or off (repeatable, to compare)."
+    ),
     batch_size: int = typer.Option(32, "--batch-size", "-n", min=1, help="Batch or window size."),
     calibration: Path | None = typer.Option(
         None, "--calibration", help="Known-good parts; its images never enter a stream."
@@ -44,6 +47,8 @@ def bench_line(
     from musc_edge.runtime.line_bench import STREAMS, StreamSource, run_stream
     from musc_edge.runtime.runners import open_runner
 
+    if bad := [value for value in overlap if value not in OVERLAP]:
+        raise typer.BadParameter(f"--overlap takes auto, on or off, not {bad[0]!r}")
     unknown = [name for name in stream if name not in STREAMS]
     if unknown:
         raise typer.BadParameter(f"unknown stream {unknown[0]!r}; choose {', '.join(STREAMS)}")
@@ -59,27 +64,42 @@ def bench_line(
             "refresh_references": refresh_references,
         }
         streams = {name: STREAMS[name](source) for name in stream}  # all built before any run
-        for name, parts in streams.items():
-            for chosen in mode:
-                console.print(f"{name} stream, {len(parts)} parts, {chosen} mode ...")
-                report = run_stream(parts, package, runner, musc, {**settings, "mode": chosen})
-                rows.append({"stream": name, "mode": chosen, **report})
-                if json_out:  # after every row, so a long run keeps what it measured
-                    payload = {"model": str(model), "calibration": str(calibration), "rows": rows}
-                    write_json_atomic(json_out, payload)
+        runs = [(name, chosen, lap) for name in streams for chosen in mode for lap in overlap]
+        for name, chosen, lap in runs:
+            parts = streams[name]
+            console.print(f"{name} stream, {len(parts)} parts, {chosen} mode, overlap {lap} ...")
+            line_settings = {**settings, "mode": chosen, "overlap": OVERLAP[lap]}
+            report = run_stream(parts, package, runner, musc, line_settings)
+            rows.append({"stream": name, "mode": chosen, "overlap": lap, **report})
+            if json_out:  # after every row, so a long run keeps what it measured
+                payload = {"model": str(model), "calibration": str(calibration), "rows": rows}
+                write_json_atomic(json_out, payload)
     show(rows, calibration is not None)
     if json_out:
         console.print(f"written to {json_out}")
 
 
+OVERLAP = {"auto": None, "on": True, "off": False}  # LineSettings.overlap
+
+
 def show(rows: list[dict], calibrated: bool) -> None:
     table = Table(
-        "stream", "mode", "parts", "recall %", "false rejects", "AUROC", "shift", "repeated", "ms"
+        "stream",
+        "mode",
+        "overlap",
+        "parts",
+        "recall %",
+        "false rejects",
+        "AUROC",
+        "shift",
+        "repeated",
+        "ms",
     )
     for row in rows:
         table.add_row(
             row["stream"],
             row["mode"],
+            row["overlap"],
             str(row["parts"]),
             "-" if row["recall"] is None else f"{row['recall']:.1f}",
             f"{row['false_rejects']} of {row['good']}",

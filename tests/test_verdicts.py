@@ -251,10 +251,22 @@ def test_run_stream_reports_from_the_line_records(tmp_path: Path) -> None:
         Part(name, int(i % 5 == 4), "drawn" if i % 5 == 4 else "good", tmp_path / "src" / name)
         for i, name in enumerate(names)
     ]
-    report = run_stream(parts, package, PooledColours(package), MuSc(), {"batch_size": 5})
-    assert report["parts"] == 10 and report["defective"] == 2 and report["good"] == 8
-    assert report["uncalibrated_records"] == 10
-    assert report["by_kind"]["drawn"]["parts"] == 2
+    for overlap in (False, True):
+        settings = {"batch_size": 5, "overlap": overlap}
+        report = run_stream(parts, package, PooledColours(package), MuSc(), settings)
+        assert report["parts"] == 10 and report["defective"] == 2 and report["good"] == 8
+        assert report["uncalibrated_records"] == 10
+        assert report["by_kind"]["drawn"]["parts"] == 2
+
+
+def test_bench_line_refuses_an_unknown_overlap(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from musc_edge.cli import app
+
+    arguments = ["bench", "line", "--model", str(tmp_path), "--root", str(tmp_path)]
+    result = CliRunner().invoke(app, [*arguments, "--overlap", "maybe"])
+    assert result.exit_code == 2 and "--overlap takes auto, on or off" in result.output
 
 
 def test_stream_report_counts_recall_and_false_rejects() -> None:

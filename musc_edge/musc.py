@@ -16,6 +16,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +27,7 @@ from musc_edge.lnamd import grid_side
 from musc_edge.msm import DEFAULT_BACKEND, mutual_scores
 from musc_edge.msm.backends import check_backend
 from musc_edge.msm.nearest import nearest_distances
+from musc_edge.msm.positional import is_window, positional_scores
 from musc_edge.precision import Precision, parse_precision
 from musc_edge.rscin import rscin
 
@@ -221,6 +223,7 @@ class MuSc:
         memory_budget_mb: int = 256,
         backend: str = DEFAULT_BACKEND,
         pooling: str = "op",
+        window: int | None = None,
     ) -> None:
         if not r_list or any(r < 1 or r % 2 == 0 for r in r_list):
             raise MuScInputError(f"r_list must hold odd sizes >= 1, got {tuple(r_list)}")
@@ -230,6 +233,10 @@ class MuSc:
             raise MuScInputError(f"k_list must hold sizes >= 1, got {tuple(k_list)}")
         if pooling not in POOLING:
             raise MuScInputError(f"pooling must be one of {', '.join(POOLING)}, got {pooling!r}")
+        if window is not None and not is_window(window):
+            raise MuScInputError(
+                f"window must be an odd integer >= 1 (3, 5, 7; None: global MSM), got {window!r}"
+            )
         self.r_list = tuple(r_list)
         self.frac = frac
         self.k_list = tuple(k_list)
@@ -237,12 +244,16 @@ class MuSc:
         self.budget_bytes = memory_budget_mb * 2**20
         self.backend = check_backend(backend)
         self.pooling = pooling
+        # positional MSM (fixtured parts): only the window x window positions around a
+        # patch's own are compared (docs/positional.md); None: every patch, MuSc's MSM
+        self.window = window
 
     @classmethod
     def from_settings(
-        cls, settings: dict, precision: Precision | str | None = None, **options: str
+        cls, settings: dict, precision: Precision | str | None = None, **options: Any
     ) -> MuSc:
-        """MuSc from a model package's `musc` settings; `precision` overrides the package's."""
+        """MuSc from a model package's `musc` settings; `precision` overrides the package's;
+        `options` go to the constructor (backend, window, ...)."""
         chosen = precision or settings.get("precision", Precision.fp32)
         return cls(settings["r_list"], settings["frac"], settings["k_list"], chosen, **options)
 
@@ -257,12 +268,19 @@ class MuSc:
         num_queries: int | None = None,
         progress: Progress | None = None,
     ) -> torch.Tensor:
-        """(Q, L) MSM patch scores of the first Q images, averaged over every pooled set."""
+        """(Q, L) MSM patch scores of the first Q images, averaged over every pooled set;
+        with a window, positional MSM (its own kernel, whatever the backend)."""
         total = None
+        dtype = self.precision.dtype
         for index, z in enumerate(sets):
-            scores = mutual_scores(
-                z, self.frac, self.budget_bytes, self.precision.dtype, self.backend, num_queries
-            )
+            if self.window is None:
+                scores = mutual_scores(
+                    z, self.frac, self.budget_bytes, dtype, self.backend, num_queries
+                )
+            else:
+                scores = positional_scores(
+                    z, self.window, self.frac, self.budget_bytes, dtype, num_queries
+                )
             total = scores if total is None else total + scores
             if progress:
                 progress(index + 1, len(sets))

@@ -187,6 +187,7 @@ class Line:
             "image_size": package.image_size,
             "engine": runner.description,
             "msm_precision": musc.precision.value,
+            "window": musc.window,  # positional MSM (docs/positional.md), None: global
             "musc": {"r_list": musc.r_list, "frac": musc.frac, "k_list": musc.k_list},
             "threshold_basis": self.judge.basis,
             "calibration": str(settings.calibration) if settings.calibration else None,

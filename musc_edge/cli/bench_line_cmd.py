@@ -37,6 +37,7 @@ def bench_line(
     ),
     engine: options.Engine = options.EngineOpt,
     backbone_precision: Precision | None = options.BackbonePrecision,
+    window: int | None = options.Window,
     json_out: Path | None = typer.Option(None, "--json", help="Write every figure as JSON."),
 ) -> None:
     """Build each stream, run `musc-edge run --once` over it and report recall, false rejects,
@@ -56,7 +57,7 @@ def bench_line(
     with user_errors():
         package = load_package(model)
         runner = open_runner(package, engine.value, precision=backbone_precision)
-        musc = MuSc.from_settings(package.musc)
+        musc = MuSc.from_settings(package.musc, window=window)
         source = StreamSource(root, category, calibration)
         settings = {
             "batch_size": batch_size,
@@ -72,7 +73,12 @@ def bench_line(
             report = run_stream(parts, package, runner, musc, line_settings)
             rows.append({"stream": name, "mode": chosen, "overlap": lap, **report})
             if json_out:  # after every row, so a long run keeps what it measured
-                payload = {"model": str(model), "calibration": str(calibration), "rows": rows}
+                payload = {
+                    "model": str(model),
+                    "calibration": str(calibration),
+                    "window": window,
+                    "rows": rows,
+                }
                 write_json_atomic(json_out, payload)
     show(rows, calibration is not None)
     if json_out:

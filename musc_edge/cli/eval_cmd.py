@@ -46,6 +46,7 @@ def evaluate(
     layers: str | None = options.Layers,
     msm_precision: Precision | None = options.MsmPrecision,
     backbone_precision: Precision | None = options.BackbonePrecision,
+    window: int | None = options.Window,
     weights: Path | None = options.Weights,
     pretrained: str | None = options.Pretrained,
     random_init: bool = options.RandomInit,
@@ -67,11 +68,11 @@ def evaluate(
         model = options.build_backbone(config, weights, pretrained, random_init)
         backbone_precision = backbone_precision or Precision.fp32
         extractor = torch_extractor(model, options.resolve_device(device), backbone_precision.dtype)
-        musc = MuSc(config.r_list, config.frac, config.k_list, config.precision)
+        musc = MuSc(config.r_list, config.frac, config.k_list, config.precision, window=window)
         console.print(
             f"[bold]{dataset}[/] {', '.join(categories)}: {config.backbone} at "
             f"{config.image_size}px, blocks {list(model.layers)}, backbone "
-            f"{backbone_precision.value}, MSM {config.precision}, "
+            f"{backbone_precision.value}, MSM {config.precision}{window_note(window)}, "
             f"weights {model.weights.source}"
         )
         shot_counts = parse_shots(shots, references)
@@ -121,6 +122,7 @@ def evaluate(
                 **config.to_dict(),
                 "layers": list(model.layers),
                 "backbone_precision": backbone_precision.value,
+                "window": window,
                 "dataset": dataset,
                 "weights": asdict(model.weights),
             },
@@ -130,6 +132,10 @@ def evaluate(
         }
         write_json_atomic(json_out, payload)
         console.print(f"results written to {json_out}")
+
+
+def window_note(window: int | None) -> str:
+    return "" if window is None else f" positional (window {window})"
 
 
 def parse_shots(shots: str | None, references: Path | None) -> list[int]:

@@ -25,6 +25,13 @@ MsmPrecision = typer.Option(
     "--msm-precision",
     help="Precision of MSM's similarity products: fp32 (exact), bf16, fp16.",
 )
+Window = typer.Option(
+    None,
+    "--window",
+    help="Positional MSM for fixtured, aligned parts: compare each patch only with the W x W "
+    "positions around its own in the other images (odd W: 3, 5, 7). Default: every patch "
+    "(MuSc's MSM). See docs/positional.md.",
+)
 BackbonePrecision = typer.Option(
     None,
     "--backbone-precision",

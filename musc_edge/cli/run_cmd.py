@@ -85,6 +85,7 @@ def run(
         "--msm-precision",
         help="Precision of MSM's similarity products: fp32, bf16, fp16 (default: the package's).",
     ),
+    window: int | None = options.Window,
     threshold: str = typer.Option(
         "auto",
         "--threshold",
@@ -200,14 +201,16 @@ def run_line(values: dict, sinks: dict, stop: threading.Event) -> None:
     engine = options.Engine(values["engine"]).value
     runner = open_runner(package, engine, values["allow_random_init"], values["backbone_precision"])
     precision = values["msm_precision"] and Precision(values["msm_precision"])
-    musc = MuSc.from_settings(package.musc, precision)
+    musc = MuSc.from_settings(package.musc, precision, window=values["window"])
     with live_view(out_dir, values["serve"], values["allow_remote"]):
         line = Line(settings, package, runner, musc)
         console.print(
             f"[bold]musc-edge run[/] {camera_dir} -> {out_dir}\n"
             f"model {package.folder} ({package.backbone} at {package.image_size}px), "
             f"engine {runner.description}, {mode.value} mode, batch {settings.batch_size}, "
-            f"{musc.precision.value}\n{verdict_basis(line)}"
+            f"{musc.precision.value}"
+            + ("" if musc.window is None else f", positional MSM, window {musc.window}")
+            + f"\n{verdict_basis(line)}"
         )
         if line.stats.resumed or line.stats.dropped:
             dropped = line.stats.dropped

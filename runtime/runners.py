@@ -1,4 +1,4 @@
-"""Engine runners: one interface over TensorRT, ONNX Runtime and torch, opened per package.
+"""Engine runners: one interface over TensorRT, OpenVINO, ONNX Runtime and torch, per package.
 
 A runner is a `features.Extractor` (a preprocessed (B, 3, S, S) float32 batch in, tokens per
 layer and embeddings out) that also says what it runs on, so every result can name its engine.
@@ -34,15 +34,23 @@ class RunnerEntry:
     class_name: str
     artifact: str | None  # None: built from musc.json alone
     extra: str
+    # Whether it runs on a GPU here: True, False, or the name of a function in `module` that
+    # says so (an engine that runs on a CPU or a GPU, depending on the build installed).
+    on_gpu: bool | str = False
 
 
-# The runner registry, in the order `--engine auto` tries them: the one list of engine names.
+# The runner registry: the one list of engine names. `--engine auto` tries the engines that
+# run on a GPU here first, then the CPU ones, each group in this order; the CPU order is the
+# measured speed order (docs/cpu-runners.md), torch last as the development fallback.
 RUNNERS: dict[str, RunnerEntry] = {
     "tensorrt": RunnerEntry(
-        "musc_edge.runtime.tensorrt_runner", "TensorRTRunner", ENGINE_FILE, "tensorrt"
+        "musc_edge.runtime.tensorrt_runner", "TensorRTRunner", ENGINE_FILE, "tensorrt", True
+    ),
+    "openvino": RunnerEntry(
+        "musc_edge.runtime.openvino_runner", "OpenVinoRunner", ONNX_FILE, "openvino"
     ),
     "onnxruntime": RunnerEntry(
-        "musc_edge.runtime.onnx_runner", "OnnxRuntimeRunner", ONNX_FILE, "runtime"
+        "musc_edge.runtime.onnx_runner", "OnnxRuntimeRunner", ONNX_FILE, "runtime", "runs_on_gpu"
     ),
     "torch": RunnerEntry("musc_edge.runtime.torch_runner", "TorchRunner", None, "models"),
 }
@@ -80,8 +88,8 @@ def open_runner(
     allow_random_init: bool = False,
     precision: Precision | str | None = None,
 ) -> Runner:
-    """The runner for `engine`, or with "auto" the first registered runner that this machine
-    and package can run at `precision`; the error lists why each one was passed over.
+    """The runner for `engine`, or with "auto" the first runner in `auto_order()` that this
+    machine and package can run at `precision`; the error lists why each one was passed over.
     """
     if engine not in ("auto", *ENGINES):
         raise UsageError(f"unknown engine {engine!r}; choose auto or one of {', '.join(ENGINES)}")
@@ -89,7 +97,8 @@ def open_runner(
     if engine != "auto":
         return _open(engine, package, allow_random_init, precision)
     reasons = []
-    for name, entry in RUNNERS.items():
+    for name in auto_order():
+        entry = RUNNERS[name]
         if entry.artifact is not None and not package.path(entry.artifact).is_file():
             reasons.append(f"{name}: the package has no {entry.artifact}")
             continue
@@ -98,6 +107,21 @@ def open_runner(
         except PackageError as error:  # RunnerError included
             reasons.append(f"{name}: {error}")
     raise RunnerError(f"no engine can run {package.folder} here: " + "; ".join(reasons))
+
+
+def auto_order() -> list[str]:
+    """The engines `--engine auto` tries, in order: GPU engines first (a GPU beats any CPU
+    runner), then CPU engines, each group in registry order."""
+    return sorted(RUNNERS, key=lambda name: not _runs_on_gpu(RUNNERS[name]))
+
+
+def _runs_on_gpu(entry: RunnerEntry) -> bool:
+    if isinstance(entry.on_gpu, bool):
+        return entry.on_gpu
+    try:
+        return bool(getattr(importlib.import_module(entry.module), entry.on_gpu)())
+    except ImportError:
+        return False  # not installed: _open says so when its turn comes
 
 
 def _open(

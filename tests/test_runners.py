@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import os
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +52,13 @@ def test_onnxruntime_providers_in_order_tensorrt_cuda_cpu() -> None:
     assert choose_providers(offered)[0] == "TensorrtExecutionProvider"
 
 
+def test_onnxruntime_threads_stay_within_the_cores_this_process_may_use() -> None:
+    from musc_edge.runtime.onnx_runner import physical_cores, session_options
+
+    assert 1 <= physical_cores() <= len(os.sched_getaffinity(0))
+    assert session_options().intra_op_num_threads == physical_cores()
+
+
 def test_engine_for_another_platform_is_refused_naming_what_differs(tmp_path: Path) -> None:
     package = write_package(tmp_path / "pkg", engine={**HERE, "compute_capability": "8.6"})
     check_engine(dataclasses.replace(package, engine=dict(HERE)), HERE)
@@ -84,8 +92,8 @@ def test_weights_source_maps_to_create_backbone_arguments(tmp_path: Path) -> Non
 
 def test_explicit_engines_say_what_is_missing(tmp_path: Path) -> None:
     package = write_package(tmp_path / "pkg")
-    with pytest.raises(ValueError, match="unknown engine 'openvino'"):
-        open_runner(package, "openvino")
+    with pytest.raises(ValueError, match="unknown engine 'tflite'"):
+        open_runner(package, "tflite")
     with pytest.raises(PackageError, match=r"has no backbone\.onnx"):
         open_runner(package, "onnxruntime")
     if importlib.util.find_spec("tensorrt") is None:
@@ -101,6 +109,7 @@ def test_auto_lists_why_each_engine_was_passed_over(tmp_path: Path) -> None:
         open_runner(package, "auto")
     message = str(error.value)
     assert f"tensorrt: the package has no {ENGINE_FILE}" in message
+    assert "openvino: the package has no backbone.onnx" in message
     assert "onnxruntime: the package has no backbone.onnx" in message
     assert "torch:" in message and "random weights" in message
 

@@ -50,7 +50,10 @@ Device = typer.Option("auto", "--device", help="cpu, cuda, or auto (cuda when av
 # The engine names come from the runner registry, the one list of them.
 Engine = enum.Enum("Engine", {name: name for name in ("auto", *ENGINES)}, type=str)
 EngineOpt = typer.Option(
-    "auto", "--engine", help=f"Backbone runner; auto tries {', '.join(ENGINES)} in that order."
+    "auto",
+    "--engine",
+    help=f"Backbone runner; auto tries the engines that run on a GPU here first, then "
+    f"{', '.join(ENGINES)} in that order.",
 )
 
 

@@ -1,5 +1,6 @@
-"""Decoding and encoding images on every core: OpenCV releases the GIL while it works, so a
-thread per core turns a one-core stage (PNG decode, PNG encode) into an all-core one."""
+"""How many cores this process has, and decoding and encoding images on all of them: OpenCV
+releases the GIL while it works, so a thread per core turns a one-core stage (PNG decode, PNG
+encode) into an all-core one."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import os
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from functools import cache
+from pathlib import Path
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -18,6 +20,22 @@ def usable_cores() -> int:
     if hasattr(os, "sched_getaffinity"):
         return len(os.sched_getaffinity(0)) or 1
     return os.cpu_count() or 1
+
+
+def physical_cores() -> int:
+    """Physical cores this process may run on: taskset or a container's CPU set narrow it,
+    and SMT siblings count once, as in ONNX Runtime's own default."""
+    if not hasattr(os, "sched_getaffinity"):
+        return os.cpu_count() or 1
+    cores = set()
+    for cpu in os.sched_getaffinity(0):
+        topology = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
+        try:
+            package = (topology / "physical_package_id").read_text().strip()
+            cores.add((package, (topology / "core_id").read_text().strip()))
+        except OSError:
+            cores.add(("cpu", str(cpu)))
+    return len(cores) or 1
 
 
 @cache

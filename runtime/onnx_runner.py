@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import numpy as np
 import onnxruntime as ort
 import torch
 
 from musc_edge.package import ONNX_FILE, ModelPackage, PackageError
+from musc_edge.parallel import physical_cores
 from musc_edge.precision import Precision
 from musc_edge.runtime.runners import Runner
 
@@ -28,22 +26,6 @@ def choose_providers(available: list[str]) -> list[str]:
 def runs_on_gpu() -> bool:
     """Whether this onnxruntime build has a GPU provider (the registry's `on_gpu` probe)."""
     return choose_providers(ort.get_available_providers())[0] != "CPUExecutionProvider"
-
-
-def physical_cores() -> int:
-    """Physical cores this process may run on: taskset or a container's CPU set narrow it,
-    and SMT siblings count once, as in ONNX Runtime's own default."""
-    if not hasattr(os, "sched_getaffinity"):
-        return os.cpu_count() or 1
-    cores = set()
-    for cpu in os.sched_getaffinity(0):
-        topology = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
-        try:
-            package = (topology / "physical_package_id").read_text().strip()
-            cores.add((package, (topology / "core_id").read_text().strip()))
-        except OSError:
-            cores.add(("cpu", str(cpu)))
-    return len(cores) or 1
 
 
 def session_options() -> ort.SessionOptions:

@@ -53,7 +53,8 @@ def test_onnxruntime_providers_in_order_tensorrt_cuda_cpu() -> None:
 
 
 def test_onnxruntime_threads_stay_within_the_cores_this_process_may_use() -> None:
-    from musc_edge.runtime.onnx_runner import physical_cores, session_options
+    from musc_edge.parallel import physical_cores
+    from musc_edge.runtime.onnx_runner import session_options
 
     assert 1 <= physical_cores() <= len(os.sched_getaffinity(0))
     assert session_options().intra_op_num_threads == physical_cores()

@@ -108,7 +108,7 @@ def run(
         None,
         "--overlap/--no-overlap",
         help="Batch mode: extract the next images while a batch is scored (default: with a GPU "
-        "or more than two cores).",
+        "or more than one core).",
     ),
     poll: float = typer.Option(0.5, "--poll", min=0.01, help="Seconds between folder scans."),
     settle: float = typer.Option(

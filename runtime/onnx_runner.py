@@ -6,7 +6,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from musc_edge.package import ONNX_FILE, ModelPackage, PackageError
+from musc_edge.package import ModelPackage
 from musc_edge.parallel import physical_cores
 from musc_edge.precision import Precision
 from musc_edge.runtime.runners import Runner
@@ -48,19 +48,11 @@ class OnnxRuntimeRunner(Runner):
         precision: Precision | None = None,
     ) -> None:
         super().__init__(package, precision=precision)  # random weights: the torch runner's
-        path = package.path(ONNX_FILE)
-        if not path.is_file():
-            raise PackageError(f"{package.folder} has no {ONNX_FILE}; export the package again")
+        path = self.onnx_path()
         providers = choose_providers(ort.get_available_providers())
         self.session = ort.InferenceSession(str(path), session_options(), providers=providers)
         self.outputs = package.output_names
-        present = {output.name for output in self.session.get_outputs()}
-        missing = [name for name in self.outputs if name not in present]
-        if missing:
-            raise PackageError(
-                f"{path} lacks the outputs {missing} that {package.folder}/musc.json names; "
-                "the graph and the manifest do not belong together, export again"
-            )
+        self.check_outputs(path, (output.name for output in self.session.get_outputs()))
         self.input_name = self.session.get_inputs()[0].name
         used = ", ".join(self.session.get_providers())
         self.description = f"onnxruntime {ort.__version__} ({used})"

@@ -10,7 +10,7 @@ import numpy as np
 import openvino as ov
 import torch
 
-from musc_edge.package import ONNX_FILE, ModelPackage, PackageError
+from musc_edge.package import ModelPackage, PackageError
 from musc_edge.precision import Precision
 from musc_edge.runtime.runners import Runner, RunnerError
 
@@ -50,9 +50,7 @@ class OpenVinoRunner(Runner):
         precision: Precision | None = None,
     ) -> None:
         super().__init__(package, precision=precision)  # random weights: the torch runner's
-        path = package.path(ONNX_FILE)
-        if not path.is_file():
-            raise PackageError(f"{package.folder} has no {ONNX_FILE}; export the package again")
+        path = self.onnx_path()
         core = ov.Core()
         if self.precision is Precision.bf16 and not cpu_has_bf16(core):
             raise RunnerError(
@@ -78,12 +76,7 @@ class OpenVinoRunner(Runner):
             )
         ports = {name: port for port in self.compiled.outputs for name in port.get_names()}
         self.outputs = package.output_names
-        missing = [name for name in self.outputs if name not in ports]
-        if missing:
-            raise PackageError(
-                f"{path} lacks the outputs {missing} that {package.folder}/musc.json names; "
-                "the graph and the manifest do not belong together, export again"
-            )
+        self.check_outputs(path, ports)
         self.ports = [ports[name] for name in self.outputs]
         self.request = self.compiled.create_infer_request()  # reused: no per-call allocation
         threads = self.compiled.get_property(ov.properties.inference_num_threads)

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import importlib
 from abc import ABC, abstractmethod
+from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -76,6 +78,25 @@ class Runner(ABC):
         self.package = package
         self.precision = precision or self.precisions[0]
         self.description = self.name
+
+    def onnx_path(self) -> Path:
+        """The package's ONNX graph, for the runners that read it."""
+        path = self.package.path(ONNX_FILE)
+        if not path.is_file():
+            raise PackageError(
+                f"{self.package.folder} has no {ONNX_FILE}; export the package again"
+            )
+        return path
+
+    def check_outputs(self, path: Path, present: Iterable[str]) -> None:
+        """The graph at `path` must offer every output the package's musc.json names."""
+        found = set(present)
+        missing = [name for name in self.package.output_names if name not in found]
+        if missing:
+            raise PackageError(
+                f"{path} lacks the outputs {missing} that {self.package.folder}/musc.json names; "
+                "the graph and the manifest do not belong together, export again"
+            )
 
     @abstractmethod
     def __call__(self, batch: np.ndarray) -> tuple[list[torch.Tensor], torch.Tensor]:

@@ -67,21 +67,27 @@ def test_bad_config_is_refused_on_one_line(tmp_path: Path, content: str, message
         merge_line_config(run_context([]), path)
 
 
-def test_run_with_a_config_file_and_a_sink_from_it(tmp_path: Path) -> None:
-    """A real run of the torch engine on random weights, every option from the file."""
+def torch_run_config(tmp_path: Path, **options) -> dict:
+    """A line config for a real `run --once` of the torch engine on random weights over six
+    generated parts (package and parts written under tmp_path), plus `options`."""
     write_package(tmp_path / "pkg", weights_source="random-init", layers=[1, 2])
     write_parts(tmp_path / "camera", 6)
-    config = {
+    return {
         "camera_dir": str(tmp_path / "camera"),
         "model": str(tmp_path / "pkg"),
         "out": str(tmp_path / "out"),
         "watch": False,
-        "batch_size": 3,
         "engine": "torch",
         "allow_random_init": True,
         "settle": 0,
-        "sinks": {"webhook": {"url": "http://127.0.0.1:9/none", "flush_s": 0.1}},
+        **options,
     }
+
+
+def test_run_with_a_config_file_and_a_sink_from_it(tmp_path: Path) -> None:
+    """A real run of the torch engine on random weights, every option from the file."""
+    webhook = {"url": "http://127.0.0.1:9/none", "flush_s": 0.1}
+    config = torch_run_config(tmp_path, batch_size=3, sinks={"webhook": webhook})
     (tmp_path / "line.yaml").write_text(yaml.safe_dump(config))
     result = CliRunner().invoke(app, ["run", "--config", str(tmp_path / "line.yaml")])
     assert result.exit_code == 0, result.output

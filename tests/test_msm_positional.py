@@ -24,9 +24,7 @@ from musc_edge.msm import positional as positional_module
 from musc_edge.msm.positional import PositionalError, positional_scores
 from musc_edge.musc import MuScInputError
 from tests.oracle import lnamd_f64, rscin_f64
-from tests.test_line_config import run_context
-from tests.test_runners import write_package
-from tests.test_runtime_loop import write_parts
+from tests.test_line_config import run_context, torch_run_config
 
 BF16_UNIT = 2.0**-8
 SHAPES = [  # (N, h, C, window): windows narrower than, equal to and wider than the grid
@@ -278,19 +276,7 @@ def test_run_takes_the_window_from_a_line_config_and_records_it(tmp_path: Path) 
     """`window:` is a line-config key like every run option; the batch manifests say it."""
     values, _ = merge_line_config(run_context(["--window", "3"]), write_config(tmp_path, {}))
     assert values["window"] == 3
-    write_package(tmp_path / "pkg", weights_source="random-init", layers=[1, 2])
-    write_parts(tmp_path / "camera", 6)
-    config = {
-        "camera_dir": str(tmp_path / "camera"),
-        "model": str(tmp_path / "pkg"),
-        "out": str(tmp_path / "out"),
-        "watch": False,
-        "batch_size": 6,
-        "engine": "torch",
-        "allow_random_init": True,
-        "settle": 0,
-        "window": 3,
-    }
+    config = torch_run_config(tmp_path, batch_size=6, window=3)
     result = CliRunner().invoke(app, ["run", "--config", str(write_config(tmp_path, config))])
     assert result.exit_code == 0, result.output
     manifests = [json.loads(p.read_text()) for p in (tmp_path / "out").rglob("*.json")]

@@ -77,6 +77,13 @@ def overlap_helps() -> bool:
     return torch.cuda.is_available() or usable_cores() > 1
 
 
+def timed(score: Callable[[], list[Answer]]) -> tuple[list[Answer], float]:
+    """`score()`'s answers and the milliseconds it took (in whichever thread it runs)."""
+    started = time.perf_counter()
+    answers = score()
+    return answers, (time.perf_counter() - started) * 1000
+
+
 @dataclass
 class LineStats:
     """What the terminal shows while the line runs."""
@@ -178,7 +185,7 @@ class Line:
         self.scorer = (
             ThreadPoolExecutor(1, "musc-score") if overlap and settings.mode == "batch" else None
         )
-        self.scoring: tuple[Future[list[Answer]], float] | None = None  # in flight, started
+        self.scoring: Future[tuple[list[Answer], float]] | None = None  # batch in flight
         self.run_info = {
             "mode": settings.mode,
             "camera_dir": str(settings.camera_dir),
@@ -250,7 +257,7 @@ class Line:
         if self.scoring is None:
             stop.wait(self.settings.poll)
         else:
-            wait_for([self.scoring[0]], timeout=self.settings.poll)
+            wait_for([self.scoring], timeout=self.settings.poll)
 
     def _room(self) -> int:
         """How many files to take now: enough to fill the batch, in engine-sized chunks."""
@@ -304,20 +311,18 @@ class Line:
         if self.scorer is None:
             self._timed_commit(score)
         else:
-            self.scoring = (self.scorer.submit(score), time.perf_counter())
+            self.scoring = self.scorer.submit(timed, score)
 
     def _collect_scored(self) -> bool:
         """Commit the batch scored in the worker, if it is done (its errors are raised here)."""
-        if self.scoring is None or not self.scoring[0].done():
+        if self.scoring is None or not self.scoring.done():
             return False
-        (future, started), self.scoring = self.scoring, None
-        self._commit_answers(future.result(), (time.perf_counter() - started) * 1000)
+        future, self.scoring = self.scoring, None
+        self._commit_answers(*future.result())
         return True
 
     def _timed_commit(self, score: Callable[[], list[Answer]]) -> None:
-        started = time.perf_counter()
-        answers = score()
-        self._commit_answers(answers, (time.perf_counter() - started) * 1000)
+        self._commit_answers(*timed(score))
 
     def _current_batch(self) -> int:
         """Batch mode: a new number per scored batch. Rolling: groups of --batch-size lines."""

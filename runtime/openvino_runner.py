@@ -24,8 +24,9 @@ INFERENCE_PRECISION = {Precision.fp32: ov.Type.f32, Precision.bf16: ov.Type.bf16
 PERFORMANCE_MODE = ov.properties.hint.PerformanceMode.LATENCY
 
 
-def cpu_has_bf16(core: ov.Core) -> bool:
-    """Whether OpenVINO's CPU plugin runs bf16 here (it lists BF16 in its capabilities)."""
+def plugin_runs_bf16(core: ov.Core) -> bool:
+    """Whether OpenVINO's CPU plugin runs bf16 here (it lists BF16 in its capabilities): its
+    own kernels' view, which `musc_edge.precision.cpu_has_bf16` (the CPU flags) cannot give."""
     return "BF16" in core.get_property(DEVICE, ov.properties.device.capabilities)
 
 
@@ -52,7 +53,7 @@ class OpenVinoRunner(Runner):
         super().__init__(package, precision=precision)  # random weights: the torch runner's
         path = self.onnx_path()
         core = ov.Core()
-        if self.precision is Precision.bf16 and not cpu_has_bf16(core):
+        if self.precision is Precision.bf16 and not plugin_runs_bf16(core):
             raise RunnerError(
                 "OpenVINO finds no bf16 support on this CPU (needs AVX512-BF16 or AMX); "
                 "use --backbone-precision fp32"

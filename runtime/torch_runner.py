@@ -53,6 +53,14 @@ class TorchRunner(Runner):
         precision: Precision | None = None,
     ) -> None:
         super().__init__(package, allow_random_init, precision)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        if self.precision is Precision.fp16 and device == "cpu":
+            raise RunnerError("fp16 backbones run on CUDA only; on a CPU use bf16 or fp32")
+        if self.precision is Precision.bf16 and device == "cpu" and not cpu_has_bf16():
+            raise RunnerError(
+                "this CPU has no native bf16 (AVX512-BF16, AMX or Arm BF16): bf16 would run "
+                "slower than fp32 here; use --backbone-precision fp32"
+            )
         from musc_edge.models import MissingWeightsError, create_backbone
 
         try:
@@ -69,14 +77,6 @@ class TorchRunner(Runner):
             raise PackageError(
                 f"{package.folder} was exported from weights with sha256 {recorded[:12]}..., "
                 f"but {backbone.weights.source} has {found[:12]}...; the scores would differ"
-            )
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        if self.precision is Precision.fp16 and device == "cpu":
-            raise RunnerError("fp16 backbones run on CUDA only; on a CPU use bf16 or fp32")
-        if self.precision is Precision.bf16 and device == "cpu" and not cpu_has_bf16():
-            raise RunnerError(
-                "this CPU has no native bf16 (AVX512-BF16, AMX or Arm BF16): bf16 would run "
-                "slower than fp32 here; use --backbone-precision fp32"
             )
         self.extract = torch_extractor(backbone, device, self.precision.dtype)
         self.description = (

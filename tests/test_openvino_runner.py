@@ -61,9 +61,9 @@ def as_arrays(package: ModelPackage, features) -> dict[str, np.ndarray]:
 def openvino_has_bf16() -> bool:
     import openvino
 
-    from musc_edge.runtime.openvino_runner import cpu_has_bf16
+    from musc_edge.runtime.openvino_runner import plugin_runs_bf16
 
-    return cpu_has_bf16(openvino.Core())
+    return plugin_runs_bf16(openvino.Core())
 
 
 @needs_openvino
@@ -105,7 +105,7 @@ def test_bf16_is_close_to_fp32_or_refused(package: ModelPackage, batch: np.ndarr
 def test_bf16_is_refused_on_a_cpu_without_it(package: ModelPackage, monkeypatch) -> None:
     from musc_edge.runtime import openvino_runner
 
-    monkeypatch.setattr(openvino_runner, "cpu_has_bf16", lambda core: False)
+    monkeypatch.setattr(openvino_runner, "plugin_runs_bf16", lambda core: False)
     with pytest.raises(RunnerError, match=r"no bf16 support.*--backbone-precision fp32"):
         open_runner(package, "openvino", precision="bf16")
 

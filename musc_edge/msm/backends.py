@@ -77,6 +77,18 @@ register_backend("tiles")(band_backend("musc_edge.msm.tiles"))
 register_backend("triton")(band_backend("musc_edge.msm.triton_kernel"))
 
 
+def warn_cpu_fp16(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether fp16 was asked for on a CPU, where MSM computes it in fp32; warns the caller's
+    caller (there is no fast fp16 matmul on x86)."""
+    if dtype != torch.float16 or device.type != "cpu":
+        return False
+    warnings.warn(
+        "fp16 MSM on CPU computes in fp32 (no fast fp16 matmul on x86); bf16 is the fast mode",
+        stacklevel=3,
+    )
+    return True
+
+
 def check_backend(name: str) -> str:
     if name not in BACKENDS:
         raise BackendError(f"unknown MSM backend {name!r}; choose one of {', '.join(BACKENDS)}")
@@ -97,10 +109,7 @@ def mutual_scores(
     other images j of `min_q |z_ip - z_jq|`; images after the first `num_queries` vote but
     are not scored.
     """
-    if dtype == torch.float16 and z.device.type == "cpu" and backend in ("op", "tiles"):
-        warnings.warn(
-            "fp16 MSM on CPU computes in fp32 (no fast fp16 matmul on x86); bf16 is the fast mode",
-            stacklevel=2,
-        )
+    if backend in ("op", "tiles"):
+        warn_cpu_fp16(dtype, z.device)
     queries = z.shape[0] if num_queries is None else num_queries
     return BACKENDS[check_backend(backend)](z, frac, budget_bytes, dtype, queries)

@@ -38,12 +38,12 @@ the finishing step every MSM backend shares.
 from __future__ import annotations
 
 import math
-import warnings
 
 import torch
 
 from musc_edge.errors import UsageError
 from musc_edge.msm import finish
+from musc_edge.msm.backends import warn_cpu_fp16
 from musc_edge.msm.plan import FLOAT32_BYTES, INDEX_BYTES, neighbour_count
 from musc_edge.msm.tiles import distance_operands, smallest_distance
 
@@ -280,11 +280,7 @@ def positional_scores(
     scores = torch.zeros(queries, num_patches, device=z.device)
     if num_images == 1 or queries == 0:
         return scores
-    if dtype == torch.float16 and z.device.type == "cpu":
-        warnings.warn(
-            "fp16 MSM on CPU computes in fp32 (no fast fp16 matmul on x86); bf16 is the fast mode",
-            stacklevel=2,
-        )
+    if warn_cpu_fp16(dtype, z.device):
         dtype = torch.float32
     radius = min(window // 2, side - 1)  # a wider window adds no position
     keep = neighbour_count(num_images, frac)

@@ -40,20 +40,6 @@ class CalibrationError(MuscEdgeError, ValueError):
     """A calibration that cannot be made or used; the message says what to do."""
 
 
-def package_binding(package: ModelPackage) -> dict:
-    """What a calibration must match: the exported backbone, its input and MuSc's settings."""
-    model = package.artifacts.get("backbone.onnx", {}).get("sha256")
-    binding = {
-        "backbone": package.backbone,
-        "backbone_sha256": model or package.weights_sha256,
-        "image_size": package.image_size,
-        "layers": list(package.layers),
-        "preprocess": package.preprocess,
-        "musc": {key: package.musc[key] for key in ("r_list", "frac", "k_list")},
-    }
-    return json.loads(json.dumps(binding))  # as stored: tuples become lists
-
-
 def gumbel_threshold(scores: torch.Tensor, target_frr: float) -> float:
     """The score a good part exceeds with probability `target_frr`.
 
@@ -111,7 +97,7 @@ class Calibration:
 
     def check_binding(self, package: ModelPackage, source: Path | str) -> None:
         """Refuse a calibration made with another package, saying which setting differs."""
-        self.check_settings(package_binding(package), source, f"the model package {package.folder}")
+        self.check_settings(package.binding(), source, f"the model package {package.folder}")
 
     def check_settings(self, expected: dict, source: Path | str, against: str) -> None:
         """Refuse a calibration whose binding differs from `expected` in any of its keys."""
@@ -166,7 +152,7 @@ def calibrate(
         )
         threshold = 1.0
     return Calibration(
-        package_binding(package),
+        package.binding(),
         files,
         sets,
         embeddings.float(),

@@ -15,7 +15,7 @@ def write_atomic(path: Path, data: bytes | str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.partial")
     if isinstance(data, str):
-        partial.write_text(data)
+        partial.write_text(data, encoding="utf-8")
     else:
         partial.write_bytes(data)
     os.replace(partial, path)

@@ -15,7 +15,7 @@ from PIL import Image
 
 from musc_edge.errors import MuscEdgeError
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 
 def is_image_name(name: str) -> bool:
@@ -75,20 +75,44 @@ class ImageInfo:
         return self.width * self.height
 
 
+def _cause(error: BaseException) -> str:
+    """An exception as one short line: its type and, if it has one, its message."""
+    text = " ".join(str(error).split())
+    text = text if len(text) <= 200 else text[:197] + "..."
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
 def probe_image(path: Path) -> ImageInfo:
-    """The header of an image file; an ImageReadError for anything that is not one."""
+    """The header of an image file; an ImageReadError for anything that is not one.
+
+    Whatever the header reader raises on a file (a fuzzed or half-written file makes PIL raise
+    TypeError, SyntaxError, ValueError, struct.error, ...) is that file's problem and becomes an
+    ImageReadError; only interrupts (KeyboardInterrupt, SystemExit) pass through.
+    """
+    path = Path(path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # complaints about half-written files are not news
             with Image.open(path) as image:
                 width, height = image.size
-                return ImageInfo(width, height, getattr(image, "n_frames", 1), image.format or "")
+                try:  # walks every page's header: where a half-written multi-page TIFF fails
+                    frames = int(getattr(image, "n_frames", 1))
+                except Exception as error:
+                    raise ImageReadError(
+                        f"{path}: the headers of its pages after the first cannot be read "
+                        f"(truncated or corrupt multi-page file; {_cause(error)})"
+                    ) from None
+                return ImageInfo(int(width), int(height), max(frames, 1), image.format or "")
+    except ImageReadError:
+        raise
     except Image.DecompressionBombError:
         raise ImageReadError(f"{path}: declared size far above --max-pixels; not decoded") from None
     except OSError as error:  # PIL.UnidentifiedImageError is an OSError too
         empty = path.is_file() and path.stat().st_size == 0
         reason = "empty file" if empty else "not a decodable image header"
         raise ImageReadError(f"{path}: {reason} ({type(error).__name__})") from None
+    except Exception as error:  # MemoryError included: a header claiming absurd sizes
+        raise ImageReadError(f"{path}: not a decodable image header ({_cause(error)})") from None
 
 
 def read_image(
@@ -116,13 +140,34 @@ def read_image(
     try:
         image = cv2.imdecode(data, _REDUCED[reduce] if reduce > 1 else cv2.IMREAD_UNCHANGED)
     except cv2.error as error:
-        raise ImageReadError(f"{path}: the decoder failed ({error.err or error})") from None
+        raise ImageReadError(f"{path}: the decoder failed ({error.err or _cause(error)})") from None
+    except Exception as error:  # MemoryError included
+        raise ImageReadError(f"{path}: the decoder failed ({_cause(error)})") from None
     if image is None or image.size == 0:
         raise ImageReadError(f"{path}: not a decodable image (corrupt, truncated or wrong format)")
+    height, width = image.shape[:2]
+    if height * width > max_pixels:  # the pixel decoder read another size than the header
+        raise ImageReadError(
+            f"{path}: decoded to {width} x {height} pixels, above the limit of {max_pixels} "
+            f"(--max-pixels), though its header says {info.width} x {info.height}; not used"
+        )
+    try:
+        return _to_bgr8(image)
+    except Exception as error:
+        raise ImageReadError(f"{path}: cannot convert its pixels ({_cause(error)})") from None
+
+
+def _to_bgr8(image: np.ndarray) -> np.ndarray:
+    """8-bit three-channel BGR from whatever depth and channel count OpenCV decoded."""
+    channels = 1 if image.ndim == 2 else image.shape[2]
+    if image.ndim not in (2, 3) or channels not in (1, 2, 3, 4):
+        raise ValueError(f"{channels} channels of shape {image.shape}; not a camera image")
     if image.dtype == np.uint16:
         image = (image // 257).astype(np.uint8)
     elif image.dtype != np.uint8:
         image = cv2.normalize(image, None, 0, 255, cv2.NORM_MINMAX).astype(np.uint8)
+    if image.ndim == 3 and channels <= 2:  # grey, or grey and alpha
+        image = np.ascontiguousarray(image[..., 0])
     if image.ndim == 2:
         return cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
     if image.shape[2] == 4:

@@ -8,6 +8,7 @@ scores. `parity.json` beside it reports how closely each engine reproduces the t
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Collection, Mapping
 from dataclasses import MISSING, asdict, dataclass, field, fields
@@ -91,6 +92,26 @@ class ModelPackage:
             **{name: tokens for name in self.token_outputs},
             EMBEDDING_NAME: [-1, self.embedding_dim],
         }
+
+    def binding(self) -> dict:
+        """What decides the scores: the exported backbone, its input and MuSc's settings
+        (what a calibration must match; an engine built from the same ONNX does)."""
+        model = self.artifacts.get("backbone.onnx", {}).get("sha256")
+        binding = {
+            "backbone": self.backbone,
+            "backbone_sha256": model or self.weights_sha256,
+            "image_size": self.image_size,
+            "layers": list(self.layers),
+            "preprocess": self.preprocess,
+            "musc": {key: self.musc[key] for key in ("r_list", "frac", "k_list")},
+        }
+        return json.loads(json.dumps(binding))  # as stored: tuples become lists
+
+    @property
+    def sha256(self) -> str:
+        """One hash of `binding()`: which model scored a record (every record carries it)."""
+        text = json.dumps(self.binding(), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()
 
     def preprocessing(self) -> Preprocess:
         return Preprocess.from_dict(self.preprocess)

@@ -10,11 +10,19 @@ those that lie inside the camera folder. A symbolic link is followed when its ta
 regular file inside the folder; a link that leads outside it, a FIFO, a device or a socket is
 recorded as refused without being opened, and nothing of it is copied anywhere. A file larger
 than `max_bytes` or declaring more than `max_pixels` is refused before it is decoded.
+
+The folder itself is looked up at every scan, so a camera path that is a link repointed by a
+daily rotation is followed, and one that vanishes is reported (`problem`) and taken up again
+when it returns. A subfolder that cannot be listed is handed on as a failure of its own, so it
+is recorded instead of skipped. Paths matching an `ignore` pattern (an archive subfolder, say)
+are never looked at.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fnmatch
+import logging
 import os
 import stat
 import time
@@ -36,6 +44,7 @@ from musc_edge.images import (
 from musc_edge.runtime.record import Key
 
 DEFAULT_MAX_BYTES = 512 * 2**20  # no camera image is larger; reading is bounded by it
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -93,8 +102,13 @@ class CameraDir:
         max_pixels: int = DEFAULT_MAX_PIXELS,
         max_bytes: int = DEFAULT_MAX_BYTES,
         answered_content: set[tuple[str, str]] | None = None,
+        ignore: tuple[str, ...] = (),
     ) -> None:
-        self.root = Path(root).resolve()
+        self.given = Path(root).absolute()
+        self.root = self.given.resolve()
+        self.problem: str | None = None  # why the folder cannot be watched now, or None
+        self.ignore = ignore
+        self.unreadable: dict[Path, str] = {}  # subfolders the last scan could not list
         self.answered = answered
         self.answered_content = answered_content if answered_content is not None else set()
         self.settle = settle
@@ -116,7 +130,11 @@ class CameraDir:
     def scan(self) -> None:
         """Note new and changed files; forget those that vanished or were answered."""
         now = self.clock()
+        if not self._find_root():
+            self.watched.clear()  # they vanished with the folder; found again when it returns
+            return
         present = set()
+        self.unreadable.clear()
         for path in self._files():
             try:
                 info = path.stat()  # follows a link; a dangling one is gone
@@ -130,8 +148,30 @@ class CameraDir:
             if old is None or old.key != key:
                 refused = refusal(path, info, self.root, self.max_bytes)
                 self.watched[path] = _Watched(key, now, refused, refused is not None)
+        for folder, why in self.unreadable.items():
+            with contextlib.suppress(OSError):
+                info = folder.stat()
+                key = (self.relative(folder), 0, info.st_mtime_ns, info.st_ctime_ns)
+                if key not in self.answered:
+                    present.add(folder)
+                    if folder not in self.watched:
+                        self.watched[folder] = _Watched(key, now, why, refused=True)
         for path in set(self.watched) - present:
             del self.watched[path]
+
+    def _find_root(self) -> bool:
+        """Look the folder up again (a link may have been repointed); False while it is gone."""
+        root = Path(os.path.realpath(self.given))
+        if not root.is_dir() or not os.access(root, os.R_OK | os.X_OK):
+            self.problem = (
+                f"camera folder {self.given} is missing or cannot be read; waiting for it to return"
+            )
+            return False
+        if root != self.root:
+            log.warning("camera folder %s now leads to %s; watching that", self.given, root)
+            self.root = root
+        self.problem = None
+        return True
 
     def take(self, limit: int) -> list[Arrival]:
         """Up to `limit` settled files in arrival order, each decoded or timed out."""
@@ -163,14 +203,34 @@ class CameraDir:
         return path.relative_to(self.root).as_posix()
 
     def _files(self) -> Iterator[Path]:
-        for folder, subfolders, names in os.walk(self.root):  # never descends into links
+        def unreadable(error: OSError) -> None:
+            folder = Path(error.filename)
+            if folder != self.root:  # the root itself is `problem`'s business
+                why = error.strerror or type(error).__name__
+                self.unreadable[folder] = (
+                    f"{folder}: folder cannot be read ({why}); its files are not scored until "
+                    "the service user can read it"
+                )
+
+        # never descends into links
+        for folder, subfolders, names in os.walk(self.root, onerror=unreadable):
             subfolders[:] = sorted(
                 name
                 for name in subfolders
                 if not name.startswith(".")
+                and not self._ignored(Path(folder, name))
                 and (self.exclude is None or Path(folder, name).resolve() != self.exclude)
             )
-            yield from (Path(folder, name) for name in names if is_image_name(name))
+            yield from (
+                Path(folder, name)
+                for name in names
+                if is_image_name(name) and not self._ignored(Path(folder, name))
+            )
+
+    def _ignored(self, path: Path) -> bool:
+        """Whether the path relative to the folder matches an `ignore` pattern."""
+        relative = self.relative(path)
+        return any(fnmatch.fnmatchcase(relative, pattern) for pattern in self.ignore)
 
     def _load(self, path: Path, state: _Watched, now: float) -> Arrival | None:
         """Hash and decode; None if it does not decode (yet), changed while being read, or
@@ -186,7 +246,7 @@ class CameraDir:
         except ImageReadError as error:
             state.failure = str(error)
             return None
-        key = (self.relative(path), info.st_size, info.st_mtime_ns, info.st_ctime_ns)
+        key = (state.key[0], info.st_size, info.st_mtime_ns, info.st_ctime_ns)
         if key != state.key:
             self.watched[path] = _Watched(key, now)
             return None

@@ -36,6 +36,7 @@ class Journal:
         self.path = out_dir / RESULTS_FILE
         self.keys: set[Key] = set()
         self.contents: set[tuple[str, str]] = set()  # (file, sha256) of every answer
+        self.models: set[str] = set()  # model_sha256 of the packages that scored them
         self.last_commit = 0
         self.last_batch = 0
         self.last_batch_records: list[ResultRecord] = []
@@ -88,7 +89,9 @@ class Journal:
     def _remember(self, record: ResultRecord) -> None:
         self.keys.add(record.key)
         if record.sha256:
-            self.contents.add((record.file, record.sha256))
+            self.contents.add((record.key[0], record.sha256))
+        if record.model_sha256:
+            self.models.add(record.model_sha256)
         self.last_commit = record.commit
         if record.batch != self.last_batch:
             self.last_batch, self.last_batch_records = record.batch, []

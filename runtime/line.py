@@ -28,22 +28,25 @@ from musc_edge.musc import MuSc
 from musc_edge.package import ModelPackage
 from musc_edge.parallel import usable_cores
 from musc_edge.runtime.camera import Arrival, CameraDir
+from musc_edge.runtime.health import LineHealth
 from musc_edge.runtime.journal import Journal
 from musc_edge.runtime.known_good import Joined, KnownGood
 from musc_edge.runtime.lock import OutFolderLock
 from musc_edge.runtime.outputs import preview, set_aside, visual_paths
 from musc_edge.runtime.record import ResultRecord, Timings
 from musc_edge.runtime.runners import Runner
-from musc_edge.runtime.scoring import Answer, Item, RollingScorer, score_batch
+from musc_edge.runtime.scoring import Answer, Item, RollingScorer, Window, score_batch
 from musc_edge.runtime.sinks import CommitContext, Sink, SinkSetup, SinkSpecs, open_sinks
 from musc_edge.runtime.verdicts import (
     ANOMALOUS,
     NORMAL,
+    UNJUDGED,
     CalibratedJudge,
     FixedJudge,
     HistoryJudge,
     Judge,
-    label,
+    judgeable,
+    verdict_of,
 )
 
 MODES = ("batch", "rolling")
@@ -69,6 +72,7 @@ class LineSettings:
     sinks: SinkSpecs = field(default_factory=dict)  # extra sinks: name -> options, in order
     max_pixels: int = DEFAULT_MAX_PIXELS  # images declaring more are refused undecoded
     overlap: bool | None = None  # batch mode: extract the next images while one is scored
+    ignore: tuple[str, ...] = ()  # glob patterns of camera paths never looked at (an archive)
 
 
 def overlap_helps() -> bool:
@@ -103,6 +107,8 @@ class LineStats:
     repeated: int = 0  # calibrated: anomalous parts that look ordinary among their peers
     joined: int = 0  # parts that joined the known-good references (--refresh-references)
     threshold: float | None = None  # the latest one
+    unjudged: int = 0  # parts with nothing to compare with and no calibration
+    problem: str | None = None  # why the camera folder cannot be watched now
 
 
 class Line:
@@ -150,6 +156,9 @@ class Line:
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.on_update = on_update or (lambda stats: None)
         self.journal = Journal(settings.out_dir)
+        self.model_sha256 = package.sha256
+        refuse_other_model(self.journal, package)
+        self.health = LineHealth(settings.out_dir)
         self.camera = CameraDir(
             settings.camera_dir,
             self.journal.keys,
@@ -158,6 +167,7 @@ class Line:
             exclude=settings.out_dir,
             max_pixels=settings.max_pixels,
             answered_content=self.journal.contents,
+            ignore=settings.ignore,
         )
         self.known_good = None
         if settings.calibration is not None:
@@ -180,6 +190,10 @@ class Line:
             else None
         )
         self.in_hand: list[Item] = []
+        # batch mode: the last batch, the references of a partial batch (the tail of a run)
+        self.recent_parts = (
+            Window(settings.batch_size, musc.precision.dtype) if self.rolling is None else None
+        )
         overlap = overlap_helps() if settings.overlap is None else settings.overlap
         # batch mode with overlap: one batch is scored in this thread while the loop extracts
         self.scorer = (
@@ -190,6 +204,7 @@ class Line:
             "mode": settings.mode,
             "camera_dir": str(settings.camera_dir),
             "model": str(package.folder),
+            "model_sha256": self.model_sha256,
             "backbone": package.backbone,
             "image_size": package.image_size,
             "engine": runner.description,
@@ -203,7 +218,8 @@ class Line:
             "overlap": self.scorer is not None,
         }
         self.sinks: list[Sink] = open_sinks(
-            SinkSetup(settings.out_dir, self.journal, self.run_info), settings.sinks
+            SinkSetup(settings.out_dir, self.journal, self.run_info, health=self.health),
+            settings.sinks,
         )
 
     def _judge(self, settings: LineSettings) -> Judge:
@@ -230,6 +246,8 @@ class Line:
         settings = self.settings
         while True:
             self.camera.scan()
+            self.health.report("camera", self.camera.problem)
+            self.stats.problem = self.camera.problem
             stopping = stop.is_set()
             worked = False
             if not stopping:
@@ -242,7 +260,7 @@ class Line:
                 if self.scoring is None and self._batch_due(stopping or done):
                     self._score_batch()
                     worked = True
-            elif stopping or done:
+            elif stopping or done or self._waited_too_long(self.rolling.waiting_since):
                 self._timed_commit(self.rolling.flush)
             self.stats.pending = self.camera.pending + len(self.in_hand)
             self.stats.seen = self.stats.resumed + self.camera.handed_out + self.camera.pending
@@ -272,9 +290,14 @@ class Line:
             return False
         if len(self.in_hand) >= self.settings.batch_size or finishing:
             return True
+        return self._waited_too_long(self.in_hand[0].arrival.ready_at)
+
+    def _waited_too_long(self, since: float | None) -> bool:
+        """Watching: a part ready at `since` has waited --max-wait for its answer."""
         max_wait = self.settings.max_wait if self.settings.watch else None
-        oldest = self.in_hand[0].arrival.ready_at
-        return max_wait is not None and time.monotonic() - oldest >= max_wait
+        if since is None or max_wait is None:
+            return False
+        return time.monotonic() - since >= max_wait
 
     def _receive(self, arrivals: list[Arrival]) -> None:
         """Errors are recorded at once; images get their features now, not when scored."""
@@ -307,7 +330,14 @@ class Line:
     def _score_batch(self) -> None:
         size = self.settings.batch_size
         items, self.in_hand = self.in_hand[:size], self.in_hand[size:]
-        score = partial(score_batch, items, self.musc, self.settings.map_norm, self.known_good)
+        score = partial(
+            score_batch,
+            items,
+            self.musc,
+            self.settings.map_norm,
+            self.known_good,
+            self.recent_parts,
+        )
         if self.scorer is None:
             self._timed_commit(score)
         else:
@@ -343,14 +373,15 @@ class Line:
             return
         batch = self._current_batch()
         now = time.monotonic()
-        scores = [answer.score for answer in answers]
+        calibrated = self.judge.calibrated
+        scores = [a.score for a in answers if judgeable(a.compared, calibrated)]
         threshold = self.judge.threshold(scores)
         self.recent.extend(scores)
         shift = self.judge.shifted(list(self.recent), threshold)
         records = []
         for answer in answers:
             item = answer.item
-            verdict = label(answer.score, threshold)
+            verdict, why = verdict_of(answer.score, threshold, answer.compared, calibrated)
             overlay, mask = visual_paths(batch, item.arrival.file, threshold is not None)
             latency = (now - item.arrival.ready_at) * 1000
             self.stats.image_ms.append(latency)
@@ -370,7 +401,8 @@ class Line:
                     joined_references=self._offer(answer, verdict),
                     overlay=overlay,
                     mask=mask,
-                    warning="; ".join(filter(None, (item.arrival.note, answer.warning))) or None,
+                    warning="; ".join(filter(None, (item.arrival.note, answer.warning, why)))
+                    or None,
                     timings=Timings(
                         round(item.features_ms, 2), round(score_ms, 2), round(latency, 2)
                     ),
@@ -379,7 +411,7 @@ class Line:
         batch_ms = (now - max(a.item.arrival.ready_at for a in answers)) * 1000
         answers_by_file = {answer.item.arrival.file: answer for answer in answers}
         self._commit(records, CommitContext(batch, answers_by_file, batch_ms))
-        self.judge.observe(scores, [record.label for record in records])
+        self.judge.observe([a.score for a in answers], [record.label for record in records])
         self._count(records, batch_ms, threshold)
 
     def _offer(self, answer: Answer, verdict: str | None) -> bool:
@@ -397,6 +429,7 @@ class Line:
         stats.scored += len(records)
         stats.batches += 1
         stats.anomalous += sum(r.label == ANOMALOUS for r in records)
+        stats.unjudged += sum(r.label == UNJUDGED for r in records)
         stats.shifts += bool(records[0].shift)
         stats.repeated += sum(r.repeated for r in records)
         stats.joined += sum(r.joined_references for r in records)
@@ -420,4 +453,24 @@ class Line:
         self.stats.failed += len(records)
 
     def _record(self, arrival: Arrival, batch: int, **fields) -> ResultRecord:
-        return ResultRecord(*arrival.key, arrival.sha256, batch, self.settings.mode, **fields)
+        return ResultRecord(
+            *arrival.key,
+            arrival.sha256,
+            batch,
+            self.settings.mode,
+            model_sha256=self.model_sha256,
+            **fields,
+        )
+
+
+def refuse_other_model(journal: Journal, package: ModelPackage) -> None:
+    """An out folder holds one model's answers: its threshold history and batches must not
+    mix two models (another export, another image size)."""
+    others = journal.models - {package.sha256}
+    if others:
+        raise UsageError(
+            f"{journal.path} holds results scored by another model package "
+            f"(model_sha256 {sorted(others)[0][:16]}...); {package.folder} is "
+            f"{package.sha256[:16]}... Give this package a new --out folder, or move the "
+            "old results aside"
+        )

@@ -1,7 +1,9 @@
 """Where the line's files go in the out folder, and the pieces the sinks draw them from.
 
-Overlays and masks are named after the whole camera file name (`part.tif` ->
-`part_tif.png`), so two files that share a stem never overwrite each other's outputs.
+Overlays and masks are named after the whole camera file name, suffix case included
+(`part.tif` -> `part_tif.png`, `part.TIF` -> `part_TIF.png`), so two files that share a stem
+never overwrite each other's outputs. Every derived name is valid UTF-8 and short enough for
+the file system, whatever the camera's name was (`musc_edge.names`).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import numpy as np
 import torch
 
 from musc_edge.musc import MuScResult
+from musc_edge.names import safe_part
 
 PREVIEW_SIDE = 1024  # overlays are for eyes: bound their size, and the memory held per image
 REJECTED_DIR = "rejected"
@@ -28,11 +31,19 @@ def batch_dir(out_dir: Path, batch: int) -> Path:
     return out_dir / batch_folder(batch)
 
 
+def safe_path(file: str, suffix: str = "") -> PurePosixPath:
+    """A camera file's relative path with every part made safe to write (`names.safe_part`)
+    and `suffix` added to the last part."""
+    *folders, name = PurePosixPath(file).parts
+    return PurePosixPath(*(safe_part(folder) for folder in folders), safe_part(name, suffix))
+
+
 def output_name(file: str) -> str:
     """The PNG name of a camera file's overlay and mask: unique per camera file, because
-    image suffixes hold no underscore."""
+    image suffixes hold no underscore and their case is kept."""
     path = PurePosixPath(file)
-    return str(path.with_name(f"{path.stem}_{path.suffix.lstrip('.').lower()}.png"))
+    stem = path.with_name(path.stem).as_posix()
+    return safe_path(stem, f"_{path.suffix.lstrip('.')}.png").as_posix()
 
 
 def visual_paths(batch: int, file: str, with_mask: bool) -> tuple[str, str | None]:
@@ -47,7 +58,8 @@ def preview(image_bgr: np.ndarray) -> np.ndarray:
     scale = PREVIEW_SIDE / max(image_bgr.shape[:2])
     if scale >= 1:
         return image_bgr
-    size = (round(image_bgr.shape[1] * scale), round(image_bgr.shape[0] * scale))
+    # a 3000 x 1 image must not round to zero rows
+    size = tuple(max(1, round(side * scale)) for side in image_bgr.shape[1::-1])
     return cv2.resize(image_bgr, size, interpolation=cv2.INTER_AREA)
 
 
@@ -63,9 +75,10 @@ def set_aside(out_dir: Path, path: Path, file: str, sha256: str | None) -> str |
     A later different file with the same name gets its hash in the name, so no earlier copy
     is ever overwritten. Returns the copy's path relative to OUT, or None if it is unreadable.
     """
-    target = out_dir / REJECTED_DIR / file
+    target = out_dir / REJECTED_DIR / safe_path(file)
     if target.exists() and sha256:
-        target = target.with_name(f"{target.stem}-{sha256[:12]}{target.suffix}")
+        stem = target.with_name(target.stem).relative_to(out_dir).as_posix()
+        target = out_dir / safe_path(stem, f"-{sha256[:12]}{target.suffix}")
     target.parent.mkdir(parents=True, exist_ok=True)
     try:
         shutil.copyfile(path, target)

@@ -2,11 +2,17 @@
 
 Its fields are the JSONL line of the journal, the columns of the CSV (timings flattened) and
 the entry of a batch manifest, so adding a field here adds it everywhere at once.
+
+Every text in a record is valid UTF-8, whatever the camera's file names are: a name that is
+not UTF-8 is shown with its odd bytes as `\\xNN` and its exact bytes are kept, base64, in
+`file_bytes_b64` (docs/runtime.md, "File names").
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import os
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from typing import Any
@@ -14,6 +20,7 @@ from typing import Any
 from pydantic import ConfigDict, StrictInt, TypeAdapter, ValidationError
 
 from musc_edge.errors import MuscEdgeError
+from musc_edge.names import is_printable, name_bytes, printable
 
 Key = tuple[str, int, int, int]  # path relative to the camera folder, size, mtime, ctime (ns)
 # the record's fields no stored line may lack although a record has them before its commit
@@ -45,7 +52,7 @@ class ResultRecord:
 
     __pydantic_config__ = ConfigDict(extra="forbid")  # a stored line is checked against it
 
-    file: str  # path relative to the camera folder
+    file: str  # path relative to the camera folder, as valid UTF-8 (see file_bytes_b64)
     size: StrictInt
     mtime_ns: StrictInt
     ctime_ns: StrictInt  # a writer can restore the mtime, never the inode change time
@@ -69,20 +76,34 @@ class ResultRecord:
     error: str | None = None
     rejected: str | None = None  # where a copy of an unscorable file was put
     recorded_at: str = field(default_factory=utc_now)
+    # only for a name that is not UTF-8: its exact bytes, base64 (`file` shows them as \xNN)
+    file_bytes_b64: str | None = None
+    model_sha256: str | None = None  # the model package that scored it (package.sha256)
     commit: StrictInt = 0  # the journal commit that holds this record, and that commit's size
     commit_lines: StrictInt = 0
 
+    def __post_init__(self) -> None:
+        """Keep every text valid UTF-8; a name that is not keeps its bytes beside it."""
+        if not is_printable(self.file):
+            self.file_bytes_b64 = base64.b64encode(name_bytes(self.file)).decode("ascii")
+            self.file = printable(self.file)
+        self.error = self.error and printable(self.error)
+        self.warning = self.warning and printable(self.warning)
+
     @property
     def key(self) -> Key:
-        """What identifies the file version answered: name, size, mtime, ctime."""
-        return self.file, self.size, self.mtime_ns, self.ctime_ns
+        """What identifies the file version answered: its exact name, size, mtime, ctime."""
+        name = self.file
+        if self.file_bytes_b64 is not None:
+            name = os.fsdecode(base64.b64decode(self.file_bytes_b64))
+        return name, self.size, self.mtime_ns, self.ctime_ns
 
     @property
     def record_id(self) -> str:
         """A stable id of this answer: the same after a crash and a re-score of the same file
         version, so a receiver can drop a record it has already had."""
         text = "\0".join(str(part) for part in self.key)
-        return hashlib.sha256(text.encode()).hexdigest()[:24]
+        return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()[:24]
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -110,7 +131,16 @@ TABLE_COLUMNS = tuple(
     name
     for f in fields(ResultRecord)
     if f.name
-    not in ("size", "mtime_ns", "ctime_ns", "mode", "recorded_at", "commit", "commit_lines")
+    not in (
+        "size",
+        "mtime_ns",
+        "ctime_ns",
+        "mode",
+        "recorded_at",
+        "commit",
+        "commit_lines",
+        "model_sha256",
+    )
     for name in ([t.name for t in fields(Timings)] if f.name == "timings" else [f.name])
 )
 

@@ -3,7 +3,10 @@
 Batch mode is MuSc as the paper runs it. Rolling mode answers each image on arrival against
 the last `window` images, which MuSc takes as references (they vote, they are not scored
 again); until the window holds a few images there is nothing to compare with, so the first
-images are held and scored together as one small batch. Both go through `MuSc` itself.
+images are held and scored together as one small batch (at the latest after `--max-wait`).
+In batch mode a partial batch (the tail of a run, a `--max-wait` batch) is scored with the
+previous batch's images as references, so a batch of one part is still compared with others.
+Both go through `MuSc` itself; every answer says how many images it was compared with.
 With a calibration the known-good parts vote too, in every batch and window, and the score an
 image is judged by is its distance to them (docs/verdicts.md). Thresholds and labels are the
 line's judge's business (`verdicts.py`), not this module's.
@@ -50,6 +53,7 @@ class Answer:
     repeated: bool = False  # the consistency guard flagged a defect repeating across parts
     warning: str | None = None
     sets: list[torch.Tensor] | None = None  # pooled (L, C) per set, for the window and refresh
+    compared: int = 0  # other images (batch and references) its mutual score comes from
 
 
 def stack_items(items: list[Item]) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -72,6 +76,7 @@ def answers_of(
     result: MuScResult,
     heat: np.ndarray,
     warning: str | None,
+    compared: int,
 ) -> list[Answer]:
     """Answers from a MuSc result: the bank's score and map when there is a bank, else MSM's
     (RsCIN-smoothed) score and map."""
@@ -86,25 +91,39 @@ def answers_of(
             heat[i],
             warning=warning,
             sets=[z[i] for z in sets],
+            compared=compared,
         )
         for i, item in enumerate(items)
     ]
 
 
 def score_batch(
-    items: list[Item], musc: MuSc, map_norm: str, known_good: KnownGood | None = None
+    items: list[Item],
+    musc: MuSc,
+    map_norm: str,
+    known_good: KnownGood | None = None,
+    recent: Window | None = None,
 ) -> list[Answer]:
-    """Score the items mutually with MuSc (and against the known-good parts, if any)."""
+    """Score the items mutually with MuSc (and against the known-good parts, if any).
+
+    With `recent`, a batch smaller than the window is also compared with the window's images
+    (references), and every batch then joins the window."""
     tokens, embeddings = stack_items(items)
     sets = musc.pool(tokens)
     bank = known_good.references() if known_good else None
+    use_recent = recent is not None and len(recent) > 0 and len(items) < recent.size
+    references, maps = recent.references() if use_recent else (None, None)
     result, warning = scored_quietly(
-        lambda: musc.score_pooled(sets, embeddings, None, known_good=bank)
+        lambda: musc.score_pooled(sets, embeddings, references, known_good=bank)
     )
-    heat = normalise_maps(result.verdict_maps.cpu().numpy(), map_norm)
-    answers = answers_of(items, sets, result, heat, warning)
+    verdict_maps = result.verdict_maps if maps is None else torch.cat([maps, result.verdict_maps])
+    heat = normalise_maps(verdict_maps.cpu().numpy(), map_norm)[-len(items) :]
+    compared = len(items) - 1 + (len(maps) if maps is not None else 0)
+    answers = answers_of(items, sets, result, heat, warning, compared)
     for answer, flagged in zip(answers, guard_flags(musc, sets), strict=True):
         answer.repeated = bool(flagged)
+        if recent is not None:
+            recent.push(answer)
     return answers
 
 
@@ -162,6 +181,11 @@ class RollingScorer:
         self.known_good = known_good
         self.waiting: list[Item] = []
 
+    @property
+    def waiting_since(self) -> float | None:
+        """When the oldest image held for the warm-up was ready (monotonic), or None."""
+        return self.waiting[0].arrival.ready_at if self.waiting else None
+
     def add(self, item: Item) -> list[Answer]:
         """The answers this image makes possible: its own, or the warm-up group's."""
         if len(self.window) == 0:
@@ -189,4 +213,4 @@ class RollingScorer:
             lambda: self.musc.score_pooled(sets, embeddings, references, known_good=bank)
         )
         heat = normalise_maps(torch.cat([maps, result.verdict_maps]).cpu().numpy(), self.map_norm)
-        return answers_of([item], sets, result, heat[-1:], warning)[0]
+        return answers_of([item], sets, result, heat[-1:], warning, len(maps))[0]

@@ -12,6 +12,10 @@ outlive a batch. It comes from one of three places, each a `Judge`:
 
 A commit whose median score lies outside the judge's normal band is flagged as a shift: more
 than half of the parts look unlike the normal ones (a fault burst, a new product, lighting).
+
+A part is never passed without a judgement: without a calibration its score means something
+only when it was compared with at least RELIABLE_BATCH - 1 other parts; below that (a batch of
+one at the end of a run with no earlier parts in memory) it is labelled "unjudged".
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from musc_edge.runtime.record import ResultRecord
 
 HISTORY_MIN = 2 * RELIABLE_BATCH  # normal parts before the history alone sets the threshold
 HISTORY_SIZE = 2000  # normal scores kept: the last shift or so, so the rule follows slow drift
-ANOMALOUS, NORMAL = "anomalous", "normal"
+ANOMALOUS, NORMAL, UNJUDGED = "anomalous", "normal", "unjudged"
 
 
 def label(score: float, threshold: float | None) -> str | None:
@@ -35,6 +39,24 @@ def label(score: float, threshold: float | None) -> str | None:
     if threshold is None:
         return None
     return ANOMALOUS if score > threshold else NORMAL
+
+
+def judgeable(compared: int, calibrated: bool) -> bool:
+    """Whether a score can be judged: the known-good parts judge any part; a mutual score
+    needs enough other parts to have been compared with."""
+    return calibrated or compared >= RELIABLE_BATCH - 1
+
+
+def verdict_of(
+    score: float, threshold: float | None, compared: int, calibrated: bool
+) -> tuple[str | None, str | None]:
+    """The label of one answer, and why it is unjudged when it is."""
+    if judgeable(compared, calibrated):
+        return label(score, threshold), None
+    return UNJUDGED, (
+        f"unjudged: compared with {compared} other part(s) and no calibration; "
+        "calibrate the line (musc-edge calibrate) to judge every part"
+    )
 
 
 class Judge:

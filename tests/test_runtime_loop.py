@@ -254,6 +254,7 @@ def test_camera_waits_for_files_to_settle_and_decode(tmp_path: Path) -> None:
         ("A.JPG", True),
         ("b.tiff", True),
         ("c.bmp", True),
+        ("d.WEBP", True),
         (".a.png", False),
         ("~$a.png", False),
         ("a.png.tmp", False),

@@ -193,7 +193,37 @@ def test_mqtt_delivers_every_record_once_through_a_broker_restart(
         "parts",
         "anomalous",
         "backlog",
+        "health",
     }
+
+
+def test_mqtt_status_says_degraded_while_the_camera_folder_is_gone(
+    tmp_path: Path, broker: Broker
+) -> None:
+    collector = Collector(broker.port, "musc/l1/cam1/status")
+    options = {"host": "127.0.0.1", "port": broker.port, "line": "l1", "station": "cam1"}
+    camera = tmp_path / "camera"
+    write_parts(camera, 4)
+    line = make_line(tmp_path, watch=True, sinks={"mqtt": {**options, **FAST}})
+    stop = threading.Event()
+    running = threading.Thread(target=line.run, args=(stop,))
+    running.start()
+    try:
+        wait_until(lambda: committed(tmp_path / "out") == 4, "the first parts")
+        camera.rename(tmp_path / "unmounted")
+        wait_until(
+            lambda: any(s["state"] == "degraded" for s in collector.payloads("/status")),
+            "a degraded status (published at once, not at the next heartbeat)",
+        )
+        degraded = next(s for s in collector.payloads("/status") if s["state"] == "degraded")
+        assert "camera folder" in degraded["health"]["problems"]["camera"]
+        (tmp_path / "unmounted").rename(camera)
+        wait_until(lambda: collector.payloads("/status")[-1]["state"] == "running", "running")
+    finally:
+        stop.set()
+        running.join(30)
+        collector.close()
+    assert collector.payloads("/status")[-1]["health"]["status"] == "ok"
 
 
 def test_mqtt_backlog_of_a_run_without_broker_is_sent_by_the_next_run(

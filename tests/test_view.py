@@ -208,6 +208,7 @@ def test_state_counts_rate_latency_and_flags() -> None:
         "anomalous": 3,
         "normal": 9,
         "unlabelled": 0,
+        "unjudged": 0,
         "failed": 1,
         "repeated": 0,
         "shift_commits": 1,

@@ -126,6 +126,12 @@ def run(
     max_pixels: int = typer.Option(
         DEFAULT_MAX_PIXELS, "--max-pixels", min=1, help="Refuse images declaring more pixels."
     ),
+    ignore: list[str] = typer.Option(
+        [],
+        "--ignore",
+        help="Glob of camera paths never scored, relative to the camera folder (repeatable), "
+        "e.g. 'done/*' for an archive subfolder.",
+    ),
     sink: list[str] = typer.Option(
         [],
         "--sink",
@@ -194,6 +200,7 @@ def run_line(values: dict, sinks: dict, stop: threading.Event) -> None:
         calibration=values["calibration"],
         refresh_references=values["refresh_references"],
         overlap=values["overlap"],
+        ignore=tuple(values["ignore"]),
     )
     model = Path(values["model"])
     console.print(f"loading {model} ...")
@@ -292,6 +299,10 @@ def status_line(stats) -> str:
         parts.append("uncalibrated")
     if stats.threshold is not None:
         parts.append(f"threshold {stats.threshold:.4f}")
+    if stats.unjudged:
+        parts.append(f"UNJUDGED {stats.unjudged}")
+    if stats.problem:
+        parts.append(stats.problem)
     if stats.shifts:
         parts.append(f"SHIFT in {stats.shifts} commit(s)")
     if stats.repeated:

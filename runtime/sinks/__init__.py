@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 from pydantic import BaseModel, ValidationError
 
 from musc_edge.errors import UsageError
+from musc_edge.runtime.health import LineHealth
 from musc_edge.runtime.record import ResultRecord
 
 if TYPE_CHECKING:
@@ -57,6 +58,7 @@ class SinkSetup:
     run_info: dict[str, Any]
     name: str = ""
     options: Mapping[str, Any] = field(default_factory=dict)
+    health: LineHealth = field(default_factory=LineHealth)  # problems with the line's input
 
 
 class Sink(Protocol):

@@ -94,6 +94,7 @@ class MqttSink(NetworkSink):
             target=self._beat, name=f"musc-edge {self.name} status", daemon=True
         )
         self.heartbeat.start()
+        self.health.listeners.append(lambda summary: self._publish_running())
 
     def deliver(self, message: Message) -> None:
         if not self.client.is_connected():
@@ -118,15 +119,20 @@ class MqttSink(NetworkSink):
             "parts": self.parts,
             "anomalous": self.anomalous,
             "backlog": self.outbox.backlog,
+            "health": self.health.summary(),
         }
 
     def _publish_status(self, state: str) -> MQTTMessageInfo:
         return self.client.publish(self.status_topic, json.dumps(self.status(state)), 1, True)
 
+    def _publish_running(self) -> None:
+        """The status while the line runs: `degraded` while its input has a problem."""
+        if self.client.is_connected():  # paho would queue them all while the broker is away
+            self._publish_status("running" if self.health.ok else "degraded")
+
     def _beat(self) -> None:
         while not self.stopping.wait(self.options.heartbeat_s):
-            if self.client.is_connected():  # paho would queue them all while the broker is away
-                self._publish_status("running")
+            self._publish_running()
 
     def _connected(
         self, client: Client, userdata: Any, flags: ConnectFlags, reason: ReasonCode, props: Any
@@ -136,7 +142,7 @@ class MqttSink(NetworkSink):
             return
         log.info("sink %s: connected to %s", self.name, self.broker)
         self.online = True
-        self._publish_status("running")
+        self._publish_running()
         self.outbox.nudge()
 
     def _disconnected(

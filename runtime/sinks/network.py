@@ -51,6 +51,7 @@ class NetworkSink:
 
     def __init__(self, setup: SinkSetup) -> None:
         self.name = setup.name
+        self.health = setup.health
         self._closed = False
         self.options = sink_options(self.Options, setup)
         options = self.options

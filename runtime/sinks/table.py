@@ -28,7 +28,7 @@ class TableSink:
         write_atomic(self.path, buffer.getvalue())
 
     def commit(self, records: Sequence[ResultRecord], context: CommitContext) -> None:
-        with open(self.path, "a", newline="") as handle:
+        with open(self.path, "a", newline="", encoding="utf-8") as handle:
             csv.writer(handle).writerows(table_row(record) for record in records)
 
     def flush(self) -> None:

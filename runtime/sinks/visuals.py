@@ -24,8 +24,8 @@ class VisualsSink:
         self.out_dir = setup.out_dir
 
     def commit(self, records: Sequence[ResultRecord], context: CommitContext) -> None:
-        drawn = [r for r in records if r.overlay is not None and r.file in context.answers]
-        thread_map(lambda record: self._write(record, context.answers[record.file]), drawn)
+        drawn = [r for r in records if r.overlay is not None and r.key[0] in context.answers]
+        thread_map(lambda record: self._write(record, context.answers[record.key[0]]), drawn)
 
     def _write(self, record: ResultRecord, answer: Answer) -> None:
         item = answer.item

@@ -9,11 +9,12 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from musc_edge.runtime.verdicts import ANOMALOUS, NORMAL
+from musc_edge.runtime.verdicts import ANOMALOUS, NORMAL, UNJUDGED
 from musc_edge.runtime.view.state import epoch
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-VERDICTS = (ANOMALOUS, NORMAL, "unlabelled")  # the labels of the counts, as the line writes them
+# the labels of the counts, as the line writes them
+VERDICTS = (ANOMALOUS, NORMAL, UNJUDGED, "unlabelled")
 
 Sample = tuple[Mapping[str, str], float | int | bool | None]
 
@@ -38,6 +39,7 @@ def prometheus_text(state: Mapping[str, Any]) -> str:
     """Every metric of the view, from an `OutFolderView.snapshot()`."""
     counts = state["counts"]
     calibrated = state["calibrated"]
+    health = state.get("health")
     single = [
         ("musc_records_total", "counter", "Lines in results.jsonl.", counts["seen"]),
         ("musc_failed_total", "counter", "Files that could not be scored.", counts["failed"]),
@@ -75,6 +77,12 @@ def prometheus_text(state: Mapping[str, Any]) -> str:
         ),
         ("musc_shift", "gauge", "1 if the newest scored commit shifted.", int(state["shift"])),
         (
+            "musc_input_ok",
+            "gauge",
+            "1 if the line can watch its camera folder, 0 while it cannot (see /healthz).",
+            None if health is None else int(health.get("status") == "ok"),
+        ),
+        (
             "musc_last_record_timestamp_seconds",
             "gauge",
             "When the newest line was recorded (Unix time).",
@@ -84,7 +92,8 @@ def prometheus_text(state: Mapping[str, Any]) -> str:
     lines = family(
         "musc_parts_total",
         "counter",
-        "Scored parts by verdict (unlabelled: before any threshold was set).",
+        "Scored parts by verdict (unlabelled: before any threshold was set; unjudged: "
+        "nothing to compare with and no calibration).",
         [({"label": verdict}, counts[verdict]) for verdict in VERDICTS],
     )
     for name, kind, help_text, value in single:

@@ -154,13 +154,16 @@ def create_app(out_dir: Path) -> Starlette:
 
     async def healthz(request: Request) -> Response:
         snapshot = json.loads(hub.payload)
+        health = snapshot["health"] or {}
         body = {
-            "status": "ok",
+            "status": health.get("status", "ok"),
+            "problems": health.get("problems", {}),
             "last_record_at": snapshot["last_record_at"],
             "records": snapshot["records"],
             "clients": hub.clients,
         }
-        return JSONResponse(body, headers=no_store)
+        # a line that cannot see its camera is not healthy: monitoring should say so
+        return JSONResponse(body, 200 if body["status"] == "ok" else 503, headers=no_store)
 
     async def files(request: Request) -> Response:
         target = served_file(out_dir, request.path_params["path"])

@@ -20,10 +20,11 @@ from pathlib import Path
 from typing import Any
 
 from musc_edge.errors import MuscEdgeError
+from musc_edge.runtime.health import read_health
 from musc_edge.runtime.journal import RESULTS_FILE
 from musc_edge.runtime.outputs import batch_dir
 from musc_edge.runtime.sinks.manifest import MANIFEST_FILE, read_manifest
-from musc_edge.runtime.verdicts import ANOMALOUS, NORMAL
+from musc_edge.runtime.verdicts import ANOMALOUS, NORMAL, UNJUDGED
 
 RECENT = 50  # cards on the page, newest first
 TIMELINE = 500  # scored parts in the score timeline
@@ -121,6 +122,7 @@ class Counts:
     anomalous: int = 0
     normal: int = 0
     unlabelled: int = 0  # scored before any threshold could be set
+    unjudged: int = 0  # nothing to compare with and no calibration: not passed, not failed
     failed: int = 0
     repeated: int = 0
     shift_commits: int = 0
@@ -167,6 +169,7 @@ class ViewState:
         counts.anomalous += label == ANOMALOUS
         counts.normal += label == NORMAL
         counts.unlabelled += label is None
+        counts.unjudged += label == UNJUDGED
         counts.repeated += bool(record.get("repeated"))
         self.latest = record
         self.scores.append(record["score"])
@@ -253,6 +256,7 @@ class OutFolderView:
         self.run_batch: int | None = None  # the batch whose manifest gave `run`
         self.backlog: dict[str, int] | None = None
         self.backlog_at = -BACKLOG_EVERY_S
+        self.health: dict[str, Any] | None = None
 
     @property
     def behind(self) -> bool:
@@ -272,7 +276,11 @@ class OutFolderView:
             changed |= bool(records)
             if not self.tail.behind or time.monotonic() - started > CATCH_UP_S:
                 break
-        return self._poll_run() | self._poll_backlog() | changed
+        return self._poll_run() | self._poll_backlog() | self._poll_health() | changed
+
+    def _poll_health(self) -> bool:
+        health, self.health = self.health, read_health(self.out_dir)
+        return health != self.health
 
     def _poll_run(self) -> bool:
         batch = self.state.last_batch
@@ -298,4 +306,5 @@ class OutFolderView:
             **self.state.summary(),
             "backlog": self.backlog,
             "run": self.run,
+            "health": self.health,  # None: no line has written health.json here
         }

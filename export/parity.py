@@ -14,11 +14,11 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
+from musc_edge.bench.synthetic import part_image
 from musc_edge.errors import UsageError
 from musc_edge.images import Preprocess, list_images, read_image
 from musc_edge.models import Backbone
 from musc_edge.package import INPUT_NAME, compare_outputs
-from musc_edge.runtime.synthetic import part_image
 
 PARITY_COUNT = 4
 ONNXRUNTIME_TOLERANCE = 1e-4  # max_rel, fp32 against fp32

@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save
 from musc_edge.errors import MuscEdgeError
 from musc_edge.files import write_atomic
 from musc_edge.msm.nearest import nearest_distances
-from musc_edge.musc import MuSc, Positional, References
+from musc_edge.musc import AlignedSpread, MuSc, References
 from musc_edge.package import ModelPackage
 
 FORMAT = "musc-edge-calibration"
@@ -67,19 +67,19 @@ class Calibration:
     target_frr: float
     threshold: float
     info: dict = field(default_factory=dict)  # when and from where, for people
-    positional: Positional | None = None  # --aligned: scores in multiples of the threshold
+    aligned_spread: AlignedSpread | None = None  # --aligned: scores in multiples of the threshold
 
     def __len__(self) -> int:
         return len(self.files)
 
     @property
     def aligned(self) -> bool:
-        return self.positional is not None
+        return self.aligned_spread is not None
 
     def references(self, dtype: torch.dtype = torch.float32) -> References:
         """The bank as MuSc references (voters that receive no score), in MSM's precision."""
         sets = [z.to(dtype) for z in self.sets]
-        return References(sets, self.embeddings, self.mutual_scores, self.positional)
+        return References(sets, self.embeddings, self.mutual_scores, self.aligned_spread)
 
     def summary(self) -> dict:
         """What the terminal and the docs report: parts, score spread, threshold, rates."""
@@ -137,19 +137,17 @@ def calibrate(
         for z in sets
     ]
     distances = (sum(held_out) / len(held_out)).amax(dim=1)
-    positional, scores, threshold = None, distances, gumbel_threshold(distances, target_frr)
+    spread_model, scores, threshold = None, distances, gumbel_threshold(distances, target_frr)
     if aligned:  # two tests at half the rate each: the overall rate stays the target
         deviations = held_out_deviations(held_out)
-        centre, spread = positional_spread(held_out)
-        positional = Positional(
+        centre, spread = aligned_spread_of(held_out)
+        spread_model = AlignedSpread(
             centre,
             spread,
             gumbel_threshold(distances, target_frr / 2),
             gumbel_threshold(deviations, target_frr / 2),
         )
-        scores = torch.maximum(
-            distances / positional.distance_threshold, deviations / positional.deviation_threshold
-        )
+        scores = spread_model.combine(distances, deviations)
         threshold = 1.0
     return Calibration(
         package.binding(),
@@ -160,14 +158,14 @@ def calibrate(
         scores.float(),
         target_frr,
         threshold,
-        positional=positional,
+        aligned_spread=spread_model,
     )
 
 
 Spread = tuple[list[torch.Tensor], list[torch.Tensor]]  # centre and spread, (L,) per set
 
 
-def positional_spread(held_out: list[torch.Tensor]) -> Spread:
+def aligned_spread_of(held_out: list[torch.Tensor]) -> Spread:
     """Mean and spread, per position, of the good parts' held-out distances, per set."""
     centre = [d.mean(dim=0) for d in held_out]
     spread = [d.std(dim=0).clamp_min(SPREAD_FLOOR) for d in held_out]
@@ -181,7 +179,7 @@ def held_out_deviations(held_out: list[torch.Tensor]) -> torch.Tensor:
     scores = []
     for index in range(count):
         others = [i for i in range(count) if i != index]
-        yardstick = Positional(*positional_spread([d[others] for d in held_out]), 1.0, 1.0)
+        yardstick = AlignedSpread(*aligned_spread_of([d[others] for d in held_out]), 1.0, 1.0)
         maps = [yardstick.standardise(d[index : index + 1], s) for s, d in enumerate(held_out)]
         scores.append((sum(maps) / len(maps)).amax())
     return torch.stack(scores)
@@ -195,9 +193,9 @@ def save_calibration(calibration: Calibration, path: Path) -> None:
         "mutual_scores": calibration.mutual_scores.contiguous(),
         "scores": calibration.scores.contiguous(),
     }
-    if calibration.positional is not None:
+    if calibration.aligned_spread is not None:
         for i, (centre, spread) in enumerate(
-            zip(calibration.positional.centre, calibration.positional.spread, strict=True)
+            zip(calibration.aligned_spread.centre, calibration.aligned_spread.spread, strict=True)
         ):
             tensors |= {f"centre_{i}": centre.contiguous(), f"spread_{i}": spread.contiguous()}
     header = {
@@ -206,25 +204,25 @@ def save_calibration(calibration: Calibration, path: Path) -> None:
         **{
             key: value
             for key, value in asdict(calibration).items()
-            if not isinstance(value, torch.Tensor) and key not in ("sets", "positional")
+            if not isinstance(value, torch.Tensor) and key not in ("sets", "aligned_spread")
         },
     }
-    if calibration.positional is not None:
+    if calibration.aligned_spread is not None:
         header["positional_thresholds"] = [
-            calibration.positional.distance_threshold,
-            calibration.positional.deviation_threshold,
+            calibration.aligned_spread.distance_threshold,
+            calibration.aligned_spread.deviation_threshold,
         ]
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, save(tensors, metadata={"musc_edge": json.dumps(header)}))
 
 
-def stored_positional(
+def stored_aligned_spread(
     tensors: dict[str, torch.Tensor], header: dict, count: int
-) -> Positional | None:
-    """The positional part of an aligned calibration, None for one that is not aligned."""
+) -> AlignedSpread | None:
+    """The per-position spread of an aligned calibration, None for one that is not aligned."""
     if "centre_0" not in tensors:
         return None
-    return Positional(
+    return AlignedSpread(
         [tensors[f"centre_{i}"] for i in range(count)],
         [tensors[f"spread_{i}"] for i in range(count)],
         *header["positional_thresholds"],
@@ -260,7 +258,7 @@ def load_calibration(path: Path, package: ModelPackage | None = None) -> Calibra
             header["target_frr"],
             header["threshold"],
             header.get("info", {}),
-            stored_positional(tensors, header, count),
+            stored_aligned_spread(tensors, header, count),
         )
     except KeyError as missing:
         raise CalibrationError(

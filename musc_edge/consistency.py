@@ -20,6 +20,7 @@ import math
 
 import torch
 
+from musc_edge.msm.finish import distances
 from musc_edge.msm.plan import neighbour_count
 from musc_edge.robust import outlier_threshold
 
@@ -35,8 +36,8 @@ def consistency_scores(z: torch.Tensor, frac: float) -> tuple[torch.Tensor, torc
     values, places = torch.zeros(count), torch.zeros(count, dtype=torch.long)
     for i in range(count):
         best = (z[i] @ flat.T).view(patches, count, patches).amax(dim=2).float()
-        distances = (2 - 2 * best).clamp_min(0).sqrt()
-        others = torch.cat([distances[:, :i], distances[:, i + 1 :]], dim=1).sort(dim=1).values
+        nearest = distances(best)
+        others = torch.cat([nearest[:, :i], nearest[:, i + 1 :]], dim=1).sort(dim=1).values
         gap = others[:, (count - 1) // 2] - others[:, :keep].mean(dim=1)
         values[i], places[i] = gap.max(), gap.argmax()
     return values, places

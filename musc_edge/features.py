@@ -1,8 +1,9 @@
 """Images -> backbone features, keeping going past unreadable files.
 
 Every runner (torch backbone, ONNX Runtime, TensorRT) is an `Extractor`: a preprocessed
-(B, 3, S, S) float32 batch in, (tokens per layer, embeddings) out. Evaluation and the line
-runtime share this loop so a corrupt file is handled the same way everywhere.
+(B, 3, S, S) float32 batch in, (tokens per layer, embeddings) out. `eval` and `calibrate` extract a
+list of files with this loop; the line extracts what its camera
+hands out as it arrives (runtime/line.py), the camera having decoded and checked each file.
 """
 
 from __future__ import annotations

@@ -87,7 +87,7 @@ class References:
     sets: list[torch.Tensor]  # one (R, L, C) unit-vector set per (layer, r)
     embeddings: torch.Tensor  # (R, D)
     raw_scores: torch.Tensor  # (R,)
-    positional: Positional | None = None  # fixtured parts: each position's normal spread
+    aligned_spread: AlignedSpread | None = None  # fixtured parts: each position's normal spread
 
     def __len__(self) -> int:
         return self.embeddings.shape[0]
@@ -97,17 +97,17 @@ class References:
         if other is None or not len(other):
             return self
         if not len(self):
-            return replace(other, positional=self.positional or other.positional)
+            return replace(other, aligned_spread=self.aligned_spread or other.aligned_spread)
         return References(
             [torch.cat([a, b.to(a.dtype)]) for a, b in zip(self.sets, other.sets, strict=True)],
             torch.cat([self.embeddings, other.embeddings.to(self.embeddings)]),
             torch.cat([self.raw_scores, other.raw_scores.to(self.raw_scores)]),
-            self.positional or other.positional,
+            self.aligned_spread or other.aligned_spread,
         )
 
 
 @dataclass
-class Positional:
+class AlignedSpread:
     """Fixtured parts: how far each position's patches of a good part usually are from the
     nearest known-good patch (centre and spread per pooled set). A deviation in these units
     rises where a position looks unlike itself on good parts, even where the patch resembles
@@ -201,7 +201,8 @@ def no_stage(name: str) -> AbstractContextManager:
 @dataclass(frozen=True)
 class Hooks:
     """Callbacks of a scoring call: `progress(done, total)` after each (layer, r) set, the
-    slow part; `stage(name)` around "lnamd", "bank", "msm" and "rscin" (timed by the bench)."""
+    slow part; `stage(name)` around "lnamd", "bank", "msm" and "rscin" (a `Profile.stage`:
+    the line's and the benchmarks' timers, musc_edge/profile.py)."""
 
     progress: Progress | None = None
     stage: StageHook = no_stage
@@ -288,16 +289,16 @@ class MuSc:
 
     def bank_maps(self, sets: Sets, bank: References) -> torch.Tensor:
         """(Q, h, h) distance of each query patch to the nearest patch of the bank, averaged
-        over the pooled sets as MSM's patch scores are (fixtured parts: see `Positional`)."""
+        over the pooled sets as MSM's patch scores are (fixtured parts: see `AlignedSpread`)."""
         total = deviation = 0
         for index, (z, b) in enumerate(zip(sets, bank.sets, strict=True)):
             distances = nearest_distances(z, b, self.precision.dtype, self.budget_bytes)
             total = total + distances
-            if bank.positional is not None:
-                deviation = deviation + bank.positional.standardise(distances, index)
+            if bank.aligned_spread is not None:
+                deviation = deviation + bank.aligned_spread.standardise(distances, index)
         maps = total / len(sets)
-        if bank.positional is not None:
-            maps = bank.positional.combine(maps, deviation / len(sets))
+        if bank.aligned_spread is not None:
+            maps = bank.aligned_spread.combine(maps, deviation / len(sets))
         side = math.isqrt(sets[0].shape[1])
         return maps.view(-1, side, side)
 
@@ -324,10 +325,11 @@ class MuSc:
         embeddings: Tensor,
         references: References | None,
         known_good: References | None = None,
+        hooks: Hooks = Hooks(),
     ) -> MuScResult:
-        """Score already pooled query images (rolling mode pools each image once, on arrival,
-        and keeps its sets in the window)."""
-        return self._score_sets(sets, embeddings, references, Hooks(), known_good)
+        """Score already pooled query images (the line pools each image once, on arrival,
+        and keeps its sets for the window)."""
+        return self._score_sets(sets, embeddings, references, hooks, known_good)
 
     def _score_sets(
         self,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -97,15 +97,10 @@ class ModelPackage:
         """What decides the scores: the exported backbone, its input and MuSc's settings
         (what a calibration must match; an engine built from the same ONNX does)."""
         model = self.artifacts.get("backbone.onnx", {}).get("sha256")
-        binding = {
-            "backbone": self.backbone,
-            "backbone_sha256": model or self.weights_sha256,
-            "image_size": self.image_size,
-            "layers": list(self.layers),
-            "preprocess": self.preprocess,
-            "musc": {key: self.musc[key] for key in ("r_list", "frac", "k_list")},
-        }
-        return json.loads(json.dumps(binding))  # as stored: tuples become lists
+        binding = scoring_binding(
+            self.backbone, self.image_size, self.layers, self.preprocess, self.musc
+        )
+        return {"backbone_sha256": model or self.weights_sha256, **binding}
 
     @property
     def sha256(self) -> str:
@@ -162,6 +157,21 @@ class ModelPackage:
     def write(self) -> None:
         """Write musc.json atomically into the package folder."""
         write_json_atomic(self.path(MANIFEST), self.to_dict())
+
+
+def scoring_binding(
+    backbone: str, image_size: int, layers: Sequence[int], preprocess: dict, musc: Mapping
+) -> dict:
+    """The settings a calibration is bound to, as stored (tuples become lists): one layout
+    for a package's binding and for eval's, which runs the torch model and has no sha256."""
+    binding = {
+        "backbone": backbone,
+        "image_size": image_size,
+        "layers": list(layers),
+        "preprocess": preprocess,
+        "musc": {key: musc[key] for key in ("r_list", "frac", "k_list")},
+    }
+    return json.loads(json.dumps(binding))
 
 
 # the manifest is validated against ModelPackage's own field types (one definition of both)

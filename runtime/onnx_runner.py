@@ -6,9 +6,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from musc_edge.package import ModelPackage
 from musc_edge.parallel import physical_cores
-from musc_edge.precision import Precision
 from musc_edge.runtime.runners import Runner
 
 PREFERRED_PROVIDERS = (
@@ -41,22 +39,16 @@ def session_options() -> ort.SessionOptions:
 class OnnxRuntimeRunner(Runner):
     name = "onnxruntime"
 
-    def __init__(
-        self,
-        package: ModelPackage,
-        allow_random_init: bool = False,
-        precision: Precision | None = None,
-    ) -> None:
-        super().__init__(package, precision=precision)  # random weights: the torch runner's
+    def load(self) -> None:
         path = self.onnx_path()
         providers = choose_providers(ort.get_available_providers())
         self.session = ort.InferenceSession(str(path), session_options(), providers=providers)
-        self.outputs = package.output_names
+        self.outputs = self.package.output_names
         self.check_outputs(path, (output.name for output in self.session.get_outputs()))
         self.input_name = self.session.get_inputs()[0].name
         used = ", ".join(self.session.get_providers())
         self.description = f"onnxruntime {ort.__version__} ({used})"
 
-    def __call__(self, batch: np.ndarray) -> tuple[list[torch.Tensor], torch.Tensor]:
+    def infer_impl(self, batch: np.ndarray) -> tuple[list[torch.Tensor], torch.Tensor]:
         *tokens, embedding = self.session.run(self.outputs, {self.input_name: batch})
         return [torch.from_numpy(layer) for layer in tokens], torch.from_numpy(embedding)

@@ -10,7 +10,7 @@ import numpy as np
 import openvino as ov
 import torch
 
-from musc_edge.package import ModelPackage, PackageError
+from musc_edge.package import PackageError
 from musc_edge.precision import Precision
 from musc_edge.runtime.runners import Runner, RunnerError
 
@@ -44,13 +44,7 @@ class OpenVinoRunner(Runner):
     name = "openvino"
     precisions = (Precision.fp32, Precision.bf16)
 
-    def __init__(
-        self,
-        package: ModelPackage,
-        allow_random_init: bool = False,
-        precision: Precision | None = None,
-    ) -> None:
-        super().__init__(package, precision=precision)  # random weights: the torch runner's
+    def load(self) -> None:
         path = self.onnx_path()
         core = ov.Core()
         if self.precision is Precision.bf16 and not plugin_runs_bf16(core):
@@ -76,7 +70,7 @@ class OpenVinoRunner(Runner):
                 f"{self.precision.value} asked for; choose another --engine"
             )
         ports = {name: port for port in self.compiled.outputs for name in port.get_names()}
-        self.outputs = package.output_names
+        self.outputs = self.package.output_names
         self.check_outputs(path, ports)
         self.ports = [ports[name] for name in self.outputs]
         self.request = self.compiled.create_infer_request()  # reused: no per-call allocation
@@ -86,7 +80,7 @@ class OpenVinoRunner(Runner):
             f"openvino {version} ({DEVICE}, {self.precision.value}, {threads} threads)"
         )
 
-    def __call__(self, batch: np.ndarray) -> tuple[list[torch.Tensor], torch.Tensor]:
+    def infer_impl(self, batch: np.ndarray) -> tuple[list[torch.Tensor], torch.Tensor]:
         # share_outputs=False (the default): OpenVINO copies each output out of the request's
         # buffers, which the next call overwrites, so the tensors returned stay valid.
         results = self.request.infer({0: batch})

@@ -40,6 +40,8 @@ class Timings:
     features_ms: float | None = None
     score_ms: float | None = None
     latency_ms: float | None = None
+    # the scoring call's stages (lnamd, bank, msm, rscin, maps, guard; musc_edge/profile.py)
+    stages_ms: dict[str, float] | None = None
 
 
 def utc_now() -> str:
@@ -141,11 +143,15 @@ TABLE_COLUMNS = tuple(
         "commit_lines",
         "model_sha256",
     )
-    for name in ([t.name for t in fields(Timings)] if f.name == "timings" else [f.name])
+    for name in (
+        [t.name for t in fields(Timings) if t.name != "stages_ms"]
+        if f.name == "timings"
+        else [f.name]
+    )
 )
 
 
 def table_row(record: ResultRecord) -> list:
     """The record as CSV cells in TABLE_COLUMNS order, timings flattened, None empty."""
-    flat = {**asdict(record.timings), **asdict(record)}
+    flat = {**asdict(record.timings), **asdict(record)}  # stages_ms: the journal only
     return ["" if flat[column] is None else flat[column] for column in TABLE_COLUMNS]

@@ -22,7 +22,8 @@ import numpy as np
 import torch
 
 from musc_edge.consistency import repeated_in_batch
-from musc_edge.musc import RELIABLE_BATCH, MuSc, MuScResult, References
+from musc_edge.musc import RELIABLE_BATCH, Hooks, MuSc, MuScResult, References
+from musc_edge.profile import Profile
 from musc_edge.runtime.camera import Arrival
 from musc_edge.runtime.known_good import KnownGood
 from musc_edge.visualize import normalise_maps
@@ -103,24 +104,33 @@ def score_batch(
     map_norm: str,
     known_good: KnownGood | None = None,
     recent: Window | None = None,
+    profile: Profile | None = None,
 ) -> list[Answer]:
     """Score the items mutually with MuSc (and against the known-good parts, if any).
 
     With `recent`, a batch smaller than the window is also compared with the window's images
-    (references), and every batch then joins the window."""
+    (references), and every batch then joins the window. Stages are timed into `profile`."""
+    profile = profile or Profile()
     tokens, embeddings = stack_items(items)
-    sets = musc.pool(tokens)
+    with profile.stage("lnamd"):
+        sets = musc.pool(tokens)
     bank = known_good.references() if known_good else None
     use_recent = recent is not None and len(recent) > 0 and len(items) < recent.size
     references, maps = recent.references() if use_recent else (None, None)
+    hooks = Hooks(stage=profile.stage)
     result, warning = scored_quietly(
-        lambda: musc.score_pooled(sets, embeddings, references, known_good=bank)
+        lambda: musc.score_pooled(sets, embeddings, references, known_good=bank, hooks=hooks)
     )
-    verdict_maps = result.verdict_maps if maps is None else torch.cat([maps, result.verdict_maps])
-    heat = normalise_maps(verdict_maps.cpu().numpy(), map_norm)[-len(items) :]
+    with profile.stage("maps"):
+        verdict_maps = result.verdict_maps
+        if maps is not None:
+            verdict_maps = torch.cat([maps, verdict_maps])
+        heat = normalise_maps(verdict_maps.cpu().numpy(), map_norm)[-len(items) :]
     compared = len(items) - 1 + (len(maps) if maps is not None else 0)
     answers = answers_of(items, sets, result, heat, warning, compared)
-    for answer, flagged in zip(answers, guard_flags(musc, sets), strict=True):
+    with profile.stage("guard"):
+        flags = guard_flags(musc, sets)
+    for answer, flagged in zip(answers, flags, strict=True):
         answer.repeated = bool(flagged)
         if recent is not None:
             recent.push(answer)
@@ -186,31 +196,39 @@ class RollingScorer:
         """When the oldest image held for the warm-up was ready (monotonic), or None."""
         return self.waiting[0].arrival.ready_at if self.waiting else None
 
-    def add(self, item: Item) -> list[Answer]:
+    def add(self, item: Item, profile: Profile | None = None) -> list[Answer]:
         """The answers this image makes possible: its own, or the warm-up group's."""
+        profile = profile or Profile()
         if len(self.window) == 0:
             self.waiting.append(item)
-            return self.flush() if len(self.waiting) >= self.warmup else []
+            return self.flush(profile) if len(self.waiting) >= self.warmup else []
         tokens, embeddings = stack_items([item])
-        answer = self._answer(item, self.musc.pool(tokens), embeddings)
+        with profile.stage("lnamd"):
+            sets = self.musc.pool(tokens)
+        answer = self._answer(item, sets, embeddings, profile)
         self.window.push(answer)
         return [answer]
 
-    def flush(self) -> list[Answer]:
-        """Score images still held for warm-up (at the end of a run)."""
+    def flush(self, profile: Profile | None = None) -> list[Answer]:
+        """Score images still held for warm-up (at the end of a run, or after --max-wait)."""
         if not self.waiting:
             return []
         items, self.waiting = self.waiting, []
-        answers = score_batch(items, self.musc, self.map_norm, self.known_good)
+        answers = score_batch(items, self.musc, self.map_norm, self.known_good, profile=profile)
         for answer in answers:
             self.window.push(answer)
         return answers
 
-    def _answer(self, item: Item, sets: list[torch.Tensor], embeddings: torch.Tensor) -> Answer:
+    def _answer(
+        self, item: Item, sets: list[torch.Tensor], embeddings: torch.Tensor, profile: Profile
+    ) -> Answer:
         references, maps = self.window.references()
         bank = self.known_good.references() if self.known_good else None
+        hooks = Hooks(stage=profile.stage)
         result, warning = scored_quietly(
-            lambda: self.musc.score_pooled(sets, embeddings, references, known_good=bank)
+            lambda: self.musc.score_pooled(sets, embeddings, references, bank, hooks)
         )
-        heat = normalise_maps(torch.cat([maps, result.verdict_maps]).cpu().numpy(), self.map_norm)
+        with profile.stage("maps"):
+            both = torch.cat([maps, result.verdict_maps])
+            heat = normalise_maps(both.cpu().numpy(), self.map_norm)
         return answers_of([item], sets, result, heat[-1:], warning, len(maps))[0]

@@ -10,7 +10,7 @@ import numpy as np
 import tensorrt as trt
 import torch
 
-from musc_edge.package import ENGINE_FILE, ModelPackage, PackageError
+from musc_edge.package import ENGINE_FILE, PackageError
 from musc_edge.precision import Precision
 from musc_edge.runtime.engine_check import check_engine
 from musc_edge.runtime.runners import Runner, RunnerError
@@ -39,19 +39,20 @@ class TensorRTRunner(Runner):
 
     precisions = tuple(Precision)  # the engine's own: chosen when it was built
 
-    def __init__(
-        self,
-        package: ModelPackage,
-        allow_random_init: bool = False,
-        precision: Precision | None = None,
-    ) -> None:
-        built = Precision(package.precision)
-        if precision not in (None, built):
+    batch_limited = True  # the engine's optimisation profile ends at package.max_batch
+
+    def default_precision(self) -> Precision:
+        return Precision(self.package.precision)
+
+    def load(self) -> None:
+        package = self.package
+        built = self.default_precision()
+        if self.precision is not built:
             raise RunnerError(
                 f"{package.folder}'s engine was built for {built.value}; rebuild it with "
-                f"--engine-precision {precision.value} to run the backbone in {precision.value}"
+                f"--engine-precision {self.precision.value} to run the backbone in "
+                f"{self.precision.value}"
             )
-        super().__init__(package, precision=built)  # random weights: the torch runner's
         if not torch.cuda.is_available():
             raise RunnerError("TensorRT needs a CUDA device and torch sees none")
         path = package.path(ENGINE_FILE)
@@ -76,7 +77,7 @@ class TensorRTRunner(Runner):
         self.description = f"TensorRT {here['tensorrt']} on {here['gpu']}"
 
     @torch.no_grad()
-    def __call__(self, batch: np.ndarray) -> tuple[list[torch.Tensor], torch.Tensor]:
+    def infer_impl(self, batch: np.ndarray) -> tuple[list[torch.Tensor], torch.Tensor]:
         images = torch.from_numpy(batch).cuda()
         self.context.set_input_shape(self.input_name, tuple(images.shape))
         self.context.set_tensor_address(self.input_name, images.data_ptr())

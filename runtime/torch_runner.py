@@ -46,13 +46,10 @@ class TorchRunner(Runner):
     name = "torch"
     precisions = (Precision.fp32, Precision.bf16, Precision.fp16)
 
-    def __init__(
-        self,
-        package: ModelPackage,
-        allow_random_init: bool = False,
-        precision: Precision | None = None,
-    ) -> None:
-        super().__init__(package, allow_random_init, precision)
+    options = ("allow_random_init",)
+
+    def load(self, allow_random_init: bool = False) -> None:
+        package = self.package
         device = "cuda" if torch.cuda.is_available() else "cpu"
         if self.precision is Precision.fp16 and device == "cpu":
             raise RunnerError("fp16 backbones run on CUDA only; on a CPU use bf16 or fp32")
@@ -84,5 +81,5 @@ class TorchRunner(Runner):
             f"({backbone.weights.source})"
         )
 
-    def __call__(self, batch: np.ndarray) -> tuple[list[torch.Tensor], torch.Tensor]:
+    def infer_impl(self, batch: np.ndarray) -> tuple[list[torch.Tensor], torch.Tensor]:
         return self.extract(batch)

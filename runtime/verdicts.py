@@ -1,4 +1,8 @@
-"""Who sets the threshold a part is judged against, and when the line's scores have shifted.
+"""Verdicts: how a commit's answers become labels, thresholds and flags, in one place.
+
+`Verdicts` is what the line asks: it holds the judge (who sets the threshold), the recent
+scores the shift is measured on, the unjudged rule and the known-good references a clearly
+normal part may join, and it describes itself for the start-up message.
 
 Scores are in patch-distance units whatever the batch (docs/verdicts.md), so a threshold can
 outlive a batch. It comes from one of three places, each a `Judge`:
@@ -22,12 +26,18 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from statistics import median
+from typing import TYPE_CHECKING
 
 from musc_edge.calibration import Calibration
 from musc_edge.musc import RELIABLE_BATCH
 from musc_edge.robust import OUTLIER_Z, outlier_threshold, robust_band
+from musc_edge.runtime.known_good import Joined, KnownGood
 from musc_edge.runtime.record import ResultRecord
+
+if TYPE_CHECKING:
+    from musc_edge.runtime.scoring import Answer
 
 HISTORY_MIN = 2 * RELIABLE_BATCH  # normal parts before the history alone sets the threshold
 HISTORY_SIZE = 2000  # normal scores kept: the last shift or so, so the rule follows slow drift
@@ -148,3 +158,94 @@ class HistoryJudge(Judge):
             self.normal.append(score)
         elif verdict is None:
             self.unjudged.append(score)
+
+
+@dataclass
+class Verdict:
+    """What the line says of one scored part besides its scores."""
+
+    label: str | None
+    threshold: float | None
+    basis: str  # "calibration", "history" or "fixed"
+    calibrated: bool
+    shift: bool  # the commit's scores left the normal band
+    repeated: bool  # the guard saw a defect repeating at one place (scoring.py)
+    joined: bool  # joined the known-good references (--refresh-references)
+    why: str | None = None  # why the part is unjudged
+
+
+class Verdicts:
+    """Turns each commit's answers into verdicts, and learns from them."""
+
+    def __init__(self, judge: Judge, window: int, known_good: KnownGood | None = None) -> None:
+        self.judge = judge
+        self.known_good = known_good
+        self.recent: deque[float] = deque(maxlen=window)  # the scores the shift is taken on
+
+    @classmethod
+    def for_line(
+        cls,
+        threshold: float | None,
+        known_good: KnownGood | None,
+        history: Iterable[ResultRecord],
+        window: int,
+    ) -> Verdicts:
+        """The user's threshold, else the calibration's, else one from the line's history."""
+        if threshold is not None:
+            judge: Judge = FixedJudge(threshold)
+        elif known_good is not None:
+            judge = CalibratedJudge(known_good.calibration)
+        else:
+            judge = HistoryJudge(history)
+        return cls(judge, window, known_good)
+
+    @property
+    def basis(self) -> str:
+        return self.judge.basis
+
+    @property
+    def calibrated(self) -> bool:
+        return self.judge.calibrated
+
+    def describe(self) -> str:
+        """Where the threshold comes from, for the start-up message (uncalibrated loudly)."""
+        if isinstance(self.judge, CalibratedJudge) and self.known_good is not None:
+            calibration = self.known_good.calibration
+            return (
+                f"calibrated: {len(self.known_good)} known-good parts, threshold "
+                f"{calibration.threshold:.4f} ({100 * calibration.target_frr:g} % false "
+                "rejects expected)"
+            )
+        if isinstance(self.judge, FixedJudge):
+            return f"threshold {self.judge.value} (fixed by --threshold; not calibrated)"
+        return (
+            "UNCALIBRATED: the threshold comes from this line's own history; run "
+            "`musc-edge calibrate` with known-good parts for verdicts you can trust"
+        )
+
+    def decide(self, answers: Sequence[Answer]) -> list[Verdict]:
+        """One verdict per answer of a commit; the judge and the references learn from them."""
+        calibrated = self.calibrated
+        scores = [a.score for a in answers if judgeable(a.compared, calibrated)]
+        threshold = self.judge.threshold(scores)
+        self.recent.extend(scores)
+        shift = self.judge.shifted(list(self.recent), threshold)
+        verdicts = []
+        for answer in answers:
+            label_, why = verdict_of(answer.score, threshold, answer.compared, calibrated)
+            joined = self._offer(answer, label_)
+            verdicts.append(
+                Verdict(
+                    label_, threshold, self.basis, calibrated, shift, answer.repeated, joined, why
+                )
+            )
+        self.judge.observe([a.score for a in answers], [v.label for v in verdicts])
+        return verdicts
+
+    def _offer(self, answer: Answer, verdict: str | None) -> bool:
+        """--refresh-references: a clearly normal part may join the known-good references."""
+        if self.known_good is None or verdict != NORMAL:
+            return False
+        item = answer.item
+        joined = Joined(item.arrival.file, answer.sets, item.embedding, answer.raw_score)
+        return self.known_good.offer(joined, answer.score)

@@ -16,7 +16,7 @@ from musc_edge.musc import MuSc
 from musc_edge.precision import Precision, cpu_has_bf16
 from musc_edge.runtime import torch_runner
 from musc_edge.runtime.runners import RunnerError, open_runner
-from tests.test_runners import write_package
+from tests.helpers import relative_error, write_package
 
 needs_bf16 = pytest.mark.skipif(
     not cpu_has_bf16(), reason="this CPU has no native bf16 (AVX512-BF16, AMX or Arm BF16)"
@@ -27,10 +27,6 @@ def bottle_batch(bottle_dir: Path, preprocess, count: int = 6) -> np.ndarray:
     good = sorted((bottle_dir / "test" / "good").glob("*.png"))[: count // 2]
     bad = sorted((bottle_dir / "test" / "contamination").glob("*.png"))[: count - len(good)]
     return np.stack([preprocess(read_image(path)) for path in good + bad])
-
-
-def relative_error(ours: torch.Tensor, exact: torch.Tensor) -> float:
-    return float((ours - exact).norm() / exact.norm())
 
 
 @needs_bf16

@@ -10,9 +10,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from musc_edge.bench.stages import STAGES
 from musc_edge.cli import app
 from musc_edge.msm import BACKENDS
-from musc_edge.runtime.benchmark import STAGES
 
 runner = CliRunner()
 STAGE_KEYS = {"median_s", "p95_s", "max_s", "median_per_image_ms"}

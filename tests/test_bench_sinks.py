@@ -9,9 +9,7 @@ from pathlib import Path
 from typer.testing import CliRunner
 
 from musc_edge.cli import app
-from tests.test_runners import write_package
-from tests.test_runtime_loop import write_parts
-from tests.test_sinks_network import Receiver
+from tests.helpers import Receiver, write_package, write_parts
 
 
 def bench_args(tmp_path: Path, *extra: str) -> list[str]:

@@ -8,7 +8,7 @@ import cv2
 import numpy as np
 import pytest
 
-from musc_edge.datasets import DATASETS, DatasetError, Sample, list_categories, load_samples
+from musc_edge.bench.datasets import DATASETS, DatasetError, Sample, list_categories, load_samples
 
 SHARED_MVTEC = Path(__file__).resolve().parents[2] / "shared" / "data" / "mvtec_ad"
 

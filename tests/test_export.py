@@ -39,7 +39,7 @@ from musc_edge.runtime.engine_builder import (
 )
 from musc_edge.runtime.runners import open_runner
 from tests.conftest import BOTTLE
-from tests.test_package import make_package
+from tests.helpers import make_package
 
 runner = CliRunner()
 VITS14_OUTPUTS = ["tokens_3", "tokens_6", "tokens_9", "tokens_12", "embedding"]

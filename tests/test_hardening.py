@@ -1,7 +1,7 @@
 """Hostile inputs against the line: whatever lands in the camera folder, the good images are
 scored, the bad file gets exactly one record, and nothing from outside the folder leaks out.
 
-Built on the stand-in backbone of test_runtime_loop.py (seconds per test); the real ONNX
+Built on the stand-in backbone of tests/helpers.py (seconds per test); the real ONNX
 package runs the SIGKILL and signal tests.
 """
 
@@ -13,7 +13,6 @@ import signal
 import struct
 import subprocess
 import sys
-import threading
 import time
 import zlib
 from pathlib import Path
@@ -22,24 +21,22 @@ import cv2
 import numpy as np
 import pytest
 
+from musc_edge.bench.synthetic import part_image
 from musc_edge.images import ImageReadError, probe_image
 from musc_edge.package import PackageError, load_package
 from musc_edge.runtime.journal import Journal
 from musc_edge.runtime.lock import OutFolderBusy, OutFolderLock
 from musc_edge.runtime.outputs import REJECTED_DIR
-from musc_edge.runtime.synthetic import part_image
-from tests.test_runners import write_package
-from tests.test_runtime_loop import make_line, results, write_parts
-
-
-def run_line(tmp_path: Path, timeout: float = 60, **settings) -> list[dict]:
-    """One `--once` pass in a thread, so a hang fails the test instead of stalling it."""
-    line = make_line(tmp_path, decode_timeout=0.0, **settings)
-    worker = threading.Thread(target=line.run, daemon=True)
-    worker.start()
-    worker.join(timeout)
-    assert not worker.is_alive(), "the line hung"
-    return results(tmp_path / "out")
+from tests.helpers import (
+    CLI,
+    WRITER,
+    make_line,
+    results,
+    run_line,
+    wait_until,
+    write_package,
+    write_parts,
+)
 
 
 def by_file(records: list[dict]) -> dict[str, dict]:
@@ -291,9 +288,6 @@ def test_a_full_disk_is_one_line_and_the_restart_loses_nothing(
     assert sorted(files) == sorted(p.name for p in camera.iterdir())
 
 
-CLI = [sys.executable, "-c", "from musc_edge.cli import app; app()"]
-
-
 def test_sigterm_while_the_model_loads_exits_0(tmp_path: Path, vits14_package: Path) -> None:
     write_parts(tmp_path / "camera", 3)
     args = ["run", "--camera-dir", str(tmp_path / "camera"), "--model", str(vits14_package)]
@@ -318,9 +312,6 @@ def test_probe_refuses_what_is_not_an_image(tmp_path: Path) -> None:
 def test_ten_sigkills_during_a_watched_run_lose_nothing_and_score_nothing_twice(
     tmp_path: Path, vits14_package: Path
 ) -> None:
-    from tests.test_runtime_line import WRITER, wait_for
-    from tests.test_runtime_line import results as results_so_far
-
     camera, out, count = tmp_path / "camera", tmp_path / "out", 30
     camera.mkdir()
     line = [
@@ -342,8 +333,9 @@ def test_ten_sigkills_during_a_watched_run_lose_nothing_and_score_nothing_twice(
             last = subprocess.Popen(line, stdout=handle)
         started.append(last)
         assert writer.wait(timeout=300) == 0
-        wait_for(lambda: len(results_so_far(out)) >= count, timeout=300)
-        wait_for(lambda: "loading" in log.read_text(), timeout=120)  # its SIGTERM handler is on
+        wait_until(lambda: len(results(out)) >= count, "an answer for every part", timeout=300)
+        # once it says "loading", its SIGTERM handler is on
+        wait_until(lambda: "loading" in log.read_text(), "the last run to load", timeout=120)
         last.send_signal(signal.SIGTERM)
         assert last.wait(timeout=60) == 0
     finally:

@@ -6,52 +6,62 @@ import json
 from pathlib import Path
 
 import pytest
-import typer
 import yaml
 from typer.testing import CliRunner
 
 from musc_edge.cli import app, run_cmd
-from musc_edge.cli.line_config import merge_line_config
+from musc_edge.cli.run_cmd import line_settings
 from musc_edge.errors import UsageError
 from musc_edge.runtime.journal import RESULTS_FILE
-from tests.test_runners import write_package
-from tests.test_runtime_loop import write_parts
+from musc_edge.runtime.settings import LineSettings, Mode, RunSettings
+from tests.helpers import run_context, torch_run_config
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "configs" / "line" / "example-line.yaml"
 
 
-def run_context(args: list[str]) -> typer.Context:
-    """The click context `run` sees for these flags, without running it."""
-    command = typer.main.get_command(app).commands["run"]
-    return command.make_context("run", args)
-
-
 def test_the_example_config_is_valid_and_fills_every_key(tmp_path: Path) -> None:
-    values, sinks = merge_line_config(run_context([]), EXAMPLE)
-    assert values["mode"] == "rolling" and values["batch_size"] == 32
-    assert values["camera_dir"] == Path("/data/line1/cam1")
-    assert values["refresh_references"] == 20 and values["serve"] == "127.0.0.1:8765"
-    assert set(sinks) == {"mqtt", "webhook", "opcua"}
-    assert sinks["webhook"]["token_env"] == "MES_TOKEN"
+    settings = line_settings(run_context([]), EXAMPLE)
+    assert settings.mode == "rolling" and settings.batch_size == 32
+    assert settings.camera_dir == Path("/data/line1/cam1")
+    assert settings.out_dir == Path("/data/line1/cam1-results")
+    assert settings.refresh_references == 20 and settings.serve == "127.0.0.1:8765"
+    assert set(settings.sinks) == {"mqtt", "webhook", "opcua"}
+    assert settings.sinks["webhook"]["token_env"] == "MES_TOKEN"
 
 
 def test_relative_paths_in_the_file_are_relative_to_the_file(tmp_path: Path) -> None:
     folder = tmp_path / "etc"
     folder.mkdir()
     (folder / "line.yaml").write_text("camera_dir: cam1\nmodel: /opt/pkg\n")
-    values, _ = merge_line_config(run_context([]), folder / "line.yaml")
-    assert values["camera_dir"] == folder / "cam1" and values["model"] == Path("/opt/pkg")
+    settings = line_settings(run_context([]), folder / "line.yaml")
+    assert settings.camera_dir == folder / "cam1" and settings.model == Path("/opt/pkg")
 
 
 def test_a_flag_wins_over_the_file(tmp_path: Path) -> None:
-    values, _ = merge_line_config(run_context(["--batch-size", "8", "--mode", "batch"]), EXAMPLE)
-    assert values["batch_size"] == 8 and values["mode"] == "batch"
+    settings = line_settings(run_context(["--batch-size", "8", "--mode", "batch"]), EXAMPLE)
+    assert settings.batch_size == 8 and settings.mode == "batch"
+
+
+def test_flags_file_and_python_validate_into_one_model(tmp_path: Path) -> None:
+    """One source of defaults and ranges: a flag, a file key and Python are checked alike."""
+    given = ["--camera-dir", str(tmp_path / "cam"), "--model", "pkg", "--batch-size", "0"]
+    with pytest.raises(UsageError, match=r"^--batch-size: Input should be greater than or equal"):
+        line_settings(run_context(list(given)), None)
+    settings = line_settings(run_context(given[:4]), None)
+    assert settings == RunSettings(tmp_path / "cam", model=Path("pkg"))
+    assert settings.batch_size == 32 and settings.mode is Mode.batch
+    assert settings.out_dir == tmp_path / "cam-musc-results"  # beside the camera folder
+    with pytest.raises(ValueError, match="greater than or equal to 1"):
+        LineSettings(tmp_path / "cam", batch_size=0)
+    with pytest.raises(ValueError, match="is the camera folder"):
+        LineSettings(tmp_path / "cam", tmp_path / "cam")
 
 
 @pytest.mark.parametrize(
     ("content", "message"),
     [
-        ("batchsize: 8", r"unknown key 'batchsize'; the keys are .*batch_size"),
+        ("batchsize: 8", r"batchsize: unknown key \(did you mean batch_size\?\); the keys are"),
+        ("max-wiat: 8", r"max_wiat: unknown key \(did you mean max_wait\?\)"),
         ("batch_size: zero", r"line.yaml: batch_size: .*integer"),
         ("batch_size: 0", r"line.yaml: batch_size: .*1"),
         ("mode: sometimes", r"line.yaml: mode: .*batch.*rolling"),
@@ -62,26 +72,12 @@ def test_a_flag_wins_over_the_file(tmp_path: Path) -> None:
 )
 def test_bad_config_is_refused_on_one_line(tmp_path: Path, content: str, message: str) -> None:
     path = tmp_path / "line.yaml"
-    path.write_text(content)
+    path.write_text(content if content.startswith(("-", "mode: [")) else f"{BASE}{content}\n")
     with pytest.raises(UsageError, match=message):
-        merge_line_config(run_context([]), path)
+        line_settings(run_context([]), path)
 
 
-def torch_run_config(tmp_path: Path, **options) -> dict:
-    """A line config for a real `run --once` of the torch engine on random weights over six
-    generated parts (package and parts written under tmp_path), plus `options`."""
-    write_package(tmp_path / "pkg", weights_source="random-init", layers=[1, 2])
-    write_parts(tmp_path / "camera", 6)
-    return {
-        "camera_dir": str(tmp_path / "camera"),
-        "model": str(tmp_path / "pkg"),
-        "out": str(tmp_path / "out"),
-        "watch": False,
-        "engine": "torch",
-        "allow_random_init": True,
-        "settle": 0,
-        **options,
-    }
+BASE = "camera_dir: /data/cam1\nmodel: /opt/pkg\n"  # what every valid file needs
 
 
 def test_run_with_a_config_file_and_a_sink_from_it(tmp_path: Path) -> None:

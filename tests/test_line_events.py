@@ -3,7 +3,7 @@ vanishes, a part with nothing to compare it with, an archive inside the camera f
 model on the same out folder. Each keeps the line running, records what happened, scores the
 rest and resumes after a restart.
 
-The real `Line` loop on real files; the stand-in backbone of test_runtime_loop.py keeps them
+The real `Line` loop on real files; the stand-in backbone of tests/helpers.py keeps them
 fast, and the real ONNX package runs the CLI and the unjudged-part checks.
 """
 
@@ -16,30 +16,36 @@ import os
 import shutil
 import subprocess
 import threading
-import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 
+from musc_edge.bench.synthetic import part_image
 from musc_edge.errors import UsageError
 from musc_edge.musc import MuSc
 from musc_edge.package import load_package
 from musc_edge.runtime.health import HEALTH_FILE
-from musc_edge.runtime.line import Line, LineSettings
+from musc_edge.runtime.line import Line
 from musc_edge.runtime.runners import open_runner
+from musc_edge.runtime.settings import LineSettings
 from musc_edge.runtime.sinks.table import TABLE_FILE
-from musc_edge.runtime.synthetic import part_image
 from musc_edge.runtime.verdicts import UNJUDGED
 from musc_edge.runtime.view import serve
 from tests.conftest import BOTTLE, need
-from tests.test_hardening import CLI, run_line
-from tests.test_runners import write_package
-from tests.test_runtime_loop import PooledColours, make_line, results, write_parts
+from tests.helpers import (
+    CLI,
+    PooledColours,
+    make_line,
+    results,
+    run_line,
+    wait_until,
+    write_package,
+    write_parts,
+)
 
 
 def write_part(
@@ -114,17 +120,6 @@ def watched(tmp_path: Path, **settings) -> tuple[Line, threading.Event, threadin
     return line, stop, worker
 
 
-def wait_for(condition: Callable[[], bool], timeout: float = 30, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
-
-
-def answered(out: Path) -> list[dict]:
-    return results(out) if (out / "results.jsonl").is_file() else []
-
-
 def test_a_camera_link_repointed_by_a_daily_rotation_is_followed(tmp_path: Path) -> None:
     day1, day2 = tmp_path / "day1", tmp_path / "day2"
     first = write_parts(day1, 4)
@@ -132,11 +127,11 @@ def test_a_camera_link_repointed_by_a_daily_rotation_is_followed(tmp_path: Path)
     line, stop, worker = watched(tmp_path)
     try:
         out = tmp_path / "out"
-        wait_for(lambda: len(answered(out)) == 4, what="day 1")
+        wait_until(lambda: len(results(out)) == 4, "day 1")
         second = write_parts(day2, 4, start=10)
         (tmp_path / "camera.new").symlink_to(day2)
         (tmp_path / "camera.new").replace(tmp_path / "camera")  # atomic, as a rotation does
-        wait_for(lambda: len(answered(out)) == 8, what="day 2 after the rotation")
+        wait_until(lambda: len(results(out)) == 8, "day 2 after the rotation")
     finally:
         stop.set()
         worker.join(30)
@@ -153,18 +148,18 @@ def test_a_vanished_camera_folder_is_reported_everywhere_and_taken_up_again(
     line, stop, worker = watched(tmp_path)
     view = serve(out, "127.0.0.1", 0)
     try:
-        wait_for(lambda: len(answered(out)) == 4, what="the first parts")
+        wait_until(lambda: len(results(out)) == 4, "the first parts")
         assert health_of(view.url) == (200, "ok")
         camera.rename(aside)
-        wait_for(lambda: read_json(out / HEALTH_FILE)["status"] == "degraded", what="health")
+        wait_until(lambda: read_json(out / HEALTH_FILE)["status"] == "degraded", "health")
         assert "camera folder" in read_json(out / HEALTH_FILE)["problems"]["camera"]
-        wait_for(lambda: health_of(view.url)[0] == 503, what="/healthz 503")
+        wait_until(lambda: health_of(view.url)[0] == 503, "/healthz 503")
         metrics = get_text(view.url + "metrics")
         assert "musc_input_ok 0" in metrics
         aside.rename(camera)
         write_parts(camera, 4, start=20)
-        wait_for(lambda: len(answered(out)) == 8, what="parts after the folder returned")
-        wait_for(lambda: health_of(view.url) == (200, "ok"), what="/healthz ok again")
+        wait_until(lambda: len(results(out)) == 8, "parts after the folder returned")
+        wait_until(lambda: health_of(view.url) == (200, "ok"), "/healthz ok again")
     finally:
         view.stop()
         stop.set()
@@ -197,7 +192,7 @@ def test_rolling_answers_parts_within_max_wait_after_a_restart(tmp_path: Path) -
     _, stop, worker = watched(tmp_path, mode="rolling", max_wait=0.5)
     try:
         write_parts(camera, 1, start=30)  # one part; the warm-up would wait for five
-        wait_for(lambda: len(answered(out)) == 7, timeout=15, what="the answer within max-wait")
+        wait_until(lambda: len(results(out)) == 7, "the answer within max-wait", timeout=15)
     finally:
         stop.set()
         worker.join(30)

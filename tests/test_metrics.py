@@ -10,7 +10,7 @@ import pytest
 from skimage.measure import label, regionprops
 from sklearn.metrics import auc
 
-from musc_edge.metrics import image_metrics, pixel_metrics, pro_score
+from musc_edge.bench.metrics import image_metrics, pixel_metrics, pro_score
 
 
 def square_masks(num_images: int = 6, size: int = 32) -> np.ndarray:

@@ -28,6 +28,7 @@ from musc_edge.msm import BACKENDS, mutual_scores, neighbour_count, tiles
 from musc_edge.msm import op as msm_op
 from musc_edge.msm.bands import score_bands
 from musc_edge.msm.plan import band_rows
+from tests.helpers import unit_vectors
 from tests.oracle import msm_f64
 
 ROUNDING = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
@@ -48,12 +49,6 @@ SHAPES = [  # (N, L, C): odd grids, N from 1 to 64, C from 8 to 1024
 def oracle(z: torch.Tensor) -> torch.Tensor:
     """The float64 oracle's MSM, as float32 for comparisons."""
     return msm_f64(z, 0.3).float()
-
-
-def unit_vectors(n: int, num_patches: int, dim: int, seed: int = 0) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed)
-    z = torch.randn(n, num_patches, dim, generator=generator)
-    return torch.nn.functional.normalize(z, dim=-1)
 
 
 def rounded_msm_f64(z: torch.Tensor, dtype: torch.dtype, frac: float = 0.3) -> torch.Tensor:

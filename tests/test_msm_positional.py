@@ -18,13 +18,13 @@ from typer.testing import CliRunner
 
 from musc_edge import MuSc, References
 from musc_edge.cli import app
-from musc_edge.cli.line_config import merge_line_config
+from musc_edge.cli.run_cmd import line_settings
 from musc_edge.msm import mutual_scores
 from musc_edge.msm import positional as positional_module
 from musc_edge.msm.positional import PositionalError, positional_scores
 from musc_edge.musc import MuScInputError
+from tests.helpers import run_context, torch_run_config, unit_vectors
 from tests.oracle import lnamd_f64, rscin_f64
-from tests.test_line_config import run_context, torch_run_config
 
 BF16_UNIT = 2.0**-8
 SHAPES = [  # (N, h, C, window): windows narrower than, equal to and wider than the grid
@@ -36,13 +36,6 @@ SHAPES = [  # (N, h, C, window): windows narrower than, equal to and wider than 
     (12, 4, 24, 3),
     (10, 5, 8, 9),
 ]
-
-
-def unit_vectors(n: int, num_patches: int, dim: int, seed: int = 0) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed)
-    return torch.nn.functional.normalize(
-        torch.randn(n, num_patches, dim, generator=generator), dim=-1
-    )
 
 
 def positional_f64(
@@ -274,8 +267,10 @@ def test_bench_msm_times_the_window_and_refuses_an_even_one() -> None:
 
 def test_run_takes_the_window_from_a_line_config_and_records_it(tmp_path: Path) -> None:
     """`window:` is a line-config key like every run option; the batch manifests say it."""
-    values, _ = merge_line_config(run_context(["--window", "3"]), write_config(tmp_path, {}))
-    assert values["window"] == 3
+    given = run_context(["--window", "3"])
+    assert (
+        line_settings(given, write_config(tmp_path, {"camera_dir": "c", "model": "m"})).window == 3
+    )
     config = torch_run_config(tmp_path, batch_size=6, window=3)
     result = CliRunner().invoke(app, ["run", "--config", str(write_config(tmp_path, config))])
     assert result.exit_code == 0, result.output

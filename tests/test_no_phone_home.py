@@ -36,10 +36,9 @@ import pytest
 
 from musc_edge.offline import ENVIRONMENT
 from musc_edge.package import ONNX_FILE, ModelPackage
-from tests.test_runners import write_package
+from tests.helpers import CLI, write_package
 
 ENGINES = ("openvino", "onnxruntime")
-CLI = [sys.executable, "-c", "from musc_edge.cli import app; app()"]
 # network calls, and openat (open where it exists) for /etc/resolv.conf
 TRACED = "trace=%network,openat,?open"
 # What the child must not inherit: the CI markers OpenVINO's and ONNX Runtime's telemetry

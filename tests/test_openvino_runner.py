@@ -24,7 +24,7 @@ from musc_edge.package import ONNX_FILE, ModelPackage, PackageError, compare_out
 from musc_edge.precision import Precision
 from musc_edge.runtime import onnx_runner
 from musc_edge.runtime.runners import RunnerError, auto_order, open_runner
-from tests.test_runners import write_package
+from tests.helpers import relative_error, write_package
 
 needs_openvino = pytest.mark.skipif(
     importlib.util.find_spec("openvino") is None,
@@ -46,10 +46,6 @@ def batch(bottle_dir: Path, package: ModelPackage) -> np.ndarray:
     bad = sorted((bottle_dir / "test" / "contamination").glob("*.png"))[:3]
     preprocess = package.preprocessing()
     return np.stack([preprocess(read_image(path)) for path in good + bad])
-
-
-def relative_error(ours: torch.Tensor, exact: torch.Tensor) -> float:
-    return float((ours - exact).norm() / exact.norm())
 
 
 def as_arrays(package: ModelPackage, features) -> dict[str, np.ndarray]:

@@ -4,12 +4,10 @@ MVTec bottle images with corrupt and unusual files mixed in, rolling mode, a cra
 
 from __future__ import annotations
 
-import json
 import random
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import cv2
@@ -17,19 +15,13 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from musc_edge.bench.metrics import image_metrics
 from musc_edge.cli import app
-from musc_edge.metrics import image_metrics
-from musc_edge.runtime.journal import RESULTS_FILE
+from tests.helpers import results
 
 pytestmark = pytest.mark.slow
-CLI = [sys.executable, "-c", "from musc_edge.cli import app; app()"]
 CORRUPT = ("truncated.png", "empty.png", "text.png")
 UNUSUAL = ("gray16.png", "rgba.png")
-
-
-def results(out: Path) -> list[dict]:
-    path = out / RESULTS_FILE
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
 def bottle_auroc(records: list[dict]) -> float:
@@ -151,36 +143,3 @@ def test_runtime_with_onnxruntime_loads_no_model_zoo(
     assert done.returncode == 0, done.stderr
     assert "loaded: []" in done.stdout
     assert len(results(tmp_path / "camera-musc-results")) == 3
-
-
-WRITER = """
-import sys, time, os
-from pathlib import Path
-import cv2, numpy as np
-from musc_edge.runtime.synthetic import part_image
-folder, count = Path(sys.argv[1]), int(sys.argv[2])
-rng = np.random.default_rng(0)
-for index in range(count):
-    data = cv2.imencode(".png", part_image(128, rng, index % 6 == 5))[1].tobytes()
-    target = folder / f"part_{index:03d}.png"
-    if index % 3 == 0:  # in pieces, pausing longer than the settle time
-        with open(target, "wb") as handle:
-            for piece in (data[:200], data[200:len(data) // 2], data[len(data) // 2:]):
-                handle.write(piece)
-                handle.flush()
-                time.sleep(0.6)
-    elif index % 3 == 1:  # written under a temporary name, then renamed
-        (folder / (target.name + ".tmp")).write_bytes(data)
-        time.sleep(0.2)
-        os.replace(folder / (target.name + ".tmp"), target)
-    else:
-        target.write_bytes(data)
-    time.sleep(0.2)
-"""
-
-
-def wait_for(condition, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.1)

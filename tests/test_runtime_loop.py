@@ -1,7 +1,8 @@
 """The line loop on a stand-in backbone: every file answered once, whatever happens to it.
 
-A small deterministic extractor (pooled colours through a fixed projection) replaces the ViT
-so these tests run in seconds; the real backbone runs in test_runtime_line.py.
+A small deterministic extractor (PooledColours in tests/helpers.py: pooled colours through a
+fixed projection) replaces the ViT so these tests run in seconds; the real backbone runs in
+test_runtime_line.py.
 """
 
 from __future__ import annotations
@@ -14,62 +15,19 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-import torch
-import torch.nn.functional as F
 from typer.testing import CliRunner
 
+from musc_edge.bench.synthetic import part_image
 from musc_edge.cli import app
 from musc_edge.images import is_image_name
 from musc_edge.musc import MuSc
 from musc_edge.package import ONNX_FILE
 from musc_edge.runtime.camera import CameraDir
 from musc_edge.runtime.journal import RESULTS_FILE, Journal, JournalError
-from musc_edge.runtime.line import Line, LineSettings
-from musc_edge.runtime.runners import Runner
+from musc_edge.runtime.line import Line
+from musc_edge.runtime.settings import LineSettings
 from musc_edge.runtime.sinks.table import TABLE_FILE
-from musc_edge.runtime.synthetic import part_image
-from tests.test_runners import write_package
-
-SIZE = 56
-PATCH = 14
-
-
-class PooledColours(Runner):
-    """Tokens = patch colour means through a fixed projection: cheap, deterministic."""
-
-    name = "stand-in"
-
-    def __init__(self, package) -> None:
-        super().__init__(package)
-        generator = torch.Generator().manual_seed(0)
-        self.projection = torch.randn(3, 32, generator=generator)
-
-    def __call__(self, batch: np.ndarray):
-        pooled = F.avg_pool2d(torch.from_numpy(batch), PATCH).flatten(2).transpose(1, 2)
-        tokens = torch.sin(pooled @ self.projection)
-        return [tokens, tokens * 2], tokens.mean(dim=1)
-
-
-def make_line(tmp_path: Path, **settings) -> Line:
-    package = write_package(tmp_path / "pkg", image_size=SIZE, layers=[1, 2])
-    out_dir = settings.pop("out_dir", tmp_path / "out")
-    options = {"settle": 0.0, "poll": 0.01, "watch": False, "batch_size": 4, **settings}
-    line_settings = LineSettings(tmp_path / "camera", out_dir, **options)
-    return Line(line_settings, package, PooledColours(package), MuSc())
-
-
-def write_parts(folder: Path, count: int, start: int = 0) -> list[str]:
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(start)
-    names = []
-    for index in range(start, start + count):
-        names.append(f"part_{index:03d}.png")
-        cv2.imwrite(str(folder / names[-1]), part_image(64, rng, defect=index % 5 == 4))
-    return names
-
-
-def results(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / RESULTS_FILE).read_text().splitlines()]
+from tests.helpers import SIZE, PooledColours, make_line, results, write_package, write_parts
 
 
 @pytest.mark.parametrize("overlap", [False, True])
@@ -104,7 +62,7 @@ def test_each_file_gets_one_line_and_bad_ones_are_set_aside(tmp_path: Path, over
         assert (out / record["rejected"]).read_bytes() == (camera / record["file"]).read_bytes()
     scored = [r for r in lines if not r["error"]]
     assert all(0 <= r["score"] <= 1 and (out / r["overlay"]).is_file() for r in scored)
-    assert (stats.scored, stats.failed) == (11, 3)
+    assert (stats.counts.scored, stats.counts.failed) == (11, 3)
     assert {r["batch"] for r in scored} == {1, 2, 3}  # 4 + 4 + a final partial batch of 3
     manifest = json.loads((out / "batches" / "000003" / "manifest.json").read_text())
     assert manifest["scored"] == 3 and manifest["engine"] == "stand-in"
@@ -153,9 +111,9 @@ def test_stop_finishes_the_batch_in_hand(tmp_path: Path, overlap: bool) -> None:
     write_parts(tmp_path / "camera", 3)
     stop = threading.Event()
     line = make_line(tmp_path, watch=True, batch_size=10, overlap=overlap)
-    line.on_update = lambda stats: stop.set() if line.in_hand else None
+    line.on_update = lambda stats: stop.set() if line.scheduler.held else None
     stats = line.run(stop)
-    assert stats.scored == 3 and len(results(tmp_path / "out")) == 3
+    assert stats.counts.scored == 3 and len(results(tmp_path / "out")) == 3
 
 
 class SlowMuSc(MuSc):
@@ -195,7 +153,9 @@ def test_overlap_extracts_the_next_images_while_a_batch_is_scored(
     stats = line.run()
 
     records = results(tmp_path / "out")
-    assert stats.scored == 10 and [r["batch"] for r in records] == [1] * 4 + [2] * 4 + [3] * 2
+    assert (
+        stats.counts.scored == 10 and [r["batch"] for r in records] == [1] * 4 + [2] * 4 + [3] * 2
+    )
     assert [r["file"] for r in records] == sorted(r["file"] for r in records)
     assert json.loads((tmp_path / "out" / "batches" / "000001" / "manifest.json").read_text())
     # inline, nothing is taken while a batch is scored; overlapped, the next batch is
@@ -207,6 +167,7 @@ def test_overlap_gives_the_same_scores_as_inline(tmp_path: Path) -> None:
     make_line(tmp_path, out_dir=tmp_path / "inline", overlap=False).run()
     make_line(tmp_path, out_dir=tmp_path / "overlap", overlap=True).run()
     inline, overlapped = results(tmp_path / "inline"), results(tmp_path / "overlap")
+    assert len(inline) == 9
     keys = ("file", "batch", "score", "label")
     assert [[r[k] for k in keys] for r in inline] == [[r[k] for k in keys] for r in overlapped]
 

@@ -13,16 +13,16 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from musc_edge.bench.datasets import load_samples
+from musc_edge.bench.evaluate import evaluate_category
+from musc_edge.bench.stages import Pipeline, run_once
 from musc_edge.cli import app
-from musc_edge.datasets import load_samples
-from musc_edge.evaluate import evaluate_category
 from musc_edge.images import Preprocess
 from musc_edge.msm import finish
 from musc_edge.musc import MuSc
-from musc_edge.runtime.benchmark import Pipeline, run_once
 from musc_edge.runtime.journal import RESULTS_FILE, Journal, JournalError
 from musc_edge.runtime.sinks import CRASH_SAFE_ORDER, SINKS, register_sink, sink_names
-from tests.test_runtime_loop import PooledColours, make_line, write_parts
+from tests.helpers import PooledColours, make_line, write_parts
 
 SHIFT = 1.0  # added to every patch score by the patched finishing step
 
@@ -120,7 +120,7 @@ def test_sinks_run_in_the_crash_safe_order_then_the_extras() -> None:
 def test_an_unknown_sink_is_refused_naming_the_known_ones(tmp_path: Path) -> None:
     write_parts(tmp_path / "camera", 2)
     with pytest.raises(ValueError, match=r"unknown sink nosuch; registered sinks: .*visuals"):
-        make_line(tmp_path, sinks=("nosuch",))
+        make_line(tmp_path, sinks={"nosuch": {}})
 
 
 def test_register_sink_adds_to_the_registry(monkeypatch) -> None:
@@ -154,4 +154,4 @@ def test_errors_are_one_line_whatever_the_terminal_width(tmp_path: Path, monkeyp
         assert line == f"error: model package {deep} not found; run `musc-edge export` first"
         usage = CliRunner().invoke(app, [*args, "--batch-size", "0"])
         assert usage.exit_code == 2
-        assert any("'--batch-size'" in text and "1" in text for text in usage.output.splitlines())
+        assert "error: --batch-size: Input should be greater than or equal to 1" in usage.output

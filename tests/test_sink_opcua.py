@@ -1,6 +1,6 @@
 """The opcua sink, read by a real asyncua client the way a PLC would, by documented NodeIds.
 
-The line runs on the stand-in backbone of test_runtime_loop.py, on a free loopback port.
+The line runs on the stand-in backbone of tests/helpers.py, on a free loopback port.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ import re
 import socket
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,24 +23,15 @@ from musc_edge.runtime.journal import RESULTS_FILE, Journal
 from musc_edge.runtime.record import ResultRecord
 from musc_edge.runtime.sinks import SinkSetup, open_sinks, parse_sink_spec, sink_options
 from musc_edge.runtime.sinks.opcua import VARIABLES, OpcUaOptions, listen_address
-from tests.test_runtime_loop import make_line, write_parts
+from tests.helpers import free_port, make_line, wait_until, write_parts
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "opcua.md"
 HEARTBEAT_S = 0.2
 
 
 def free_endpoint() -> tuple[str, int]:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     return f"opc.tcp://127.0.0.1:{port}/musc-edge/", port
-
-
-def wait_until(condition: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
 
 
 def read_all(client: Client, station: str = "line1.station1") -> dict[str, Any]:
@@ -104,12 +94,14 @@ def test_a_plc_reads_the_line_state_while_it_runs(tmp_path: Path) -> None:
         sequence = client.get_node("ns=2;s=l1.cam1.VerdictSequence")
         for start in (0, 2):
             write_parts(camera, 2, start=start)
-            wait_until(lambda n=start + 2: sequence.read_value() == n, f"{start + 2} answers")
+            wait_until(
+                lambda n=start + 2: sequence.read_value() == n, f"{start + 2} answers", timeout=60
+            )
             values = read_all(client, "l1.cam1")
             assert values["State"] == "running" and values["Threshold"] == 0.5
             matches(values, journal(out))
         (camera / "broken.png").write_bytes(b"not an image")
-        wait_until(lambda: sequence.read_value() == 5, "the failed file")
+        wait_until(lambda: sequence.read_value() == 5, "the failed file", timeout=60)
         values = read_all(client, "l1.cam1")
         assert values["LastVerdict"] == "error" and values["FailedCount"] == 1
         matches(values, journal(out))
@@ -157,7 +149,7 @@ def test_counts_resume_after_a_restart(tmp_path: Path) -> None:
         matches(read_all(client), journal(out))  # before anything new arrives
         running.start()
         write_parts(camera, 4, start=3)
-        wait_until(lambda: read_all(client)["VerdictSequence"] == 8, "the new parts")
+        wait_until(lambda: read_all(client)["VerdictSequence"] == 8, "the new parts", timeout=60)
         values = read_all(client)
         assert values["PartCount"] == 7 and values["FailedCount"] == 1
         matches(values, journal(out))

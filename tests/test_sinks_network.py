@@ -13,8 +13,7 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -33,25 +32,19 @@ from musc_edge.runtime.sinks.outbox import (
     read_state,
 )
 from tests.conftest import need
-from tests.test_runners import write_package
-from tests.test_runtime_loop import make_line, results, write_parts
+from tests.helpers import (
+    Receiver,
+    free_port,
+    make_line,
+    results,
+    wait_until,
+    write_package,
+    write_parts,
+)
 
 MOSQUITTO = Path("/usr/sbin/mosquitto")
 TOKEN = "s3cret-t0ken-never-logged"
 FAST = {"retry_s": 0.05, "retry_max_s": 0.3, "timeout_s": 2.0}  # backoff and waits for tests
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def wait_until(condition: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
 
 
 def journal_ids(out: Path) -> list[str]:
@@ -245,37 +238,6 @@ def test_mqtt_backlog_of_a_run_without_broker_is_sent_by_the_next_run(
     wait_until(lambda: len(collector.messages) >= 4, "the backlog at the collector")
     collector.close()
     assert first_arrivals([m["id"] for m in collector.payloads("/result")]) == journal_ids(out)
-
-
-class Receiver:
-    """An HTTP endpoint that answers 500 to the first `failures` requests, then 200."""
-
-    def __init__(self, failures: int = 0) -> None:
-        self.requests: list[tuple[dict[str, str], dict]] = []
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                receiver.requests.append((dict(self.headers), body))
-                self.send_response(500 if len(receiver.requests) <= failures else 200)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_port}/api/results?site=7"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def ids(self) -> list[str]:
-        return [body["id"] for headers, body in self.requests]
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
 
 @pytest.fixture

@@ -12,6 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from musc_edge.bench.line_streams import StreamSource, defects_first, run_stream, stream_report
+from musc_edge.bench.streams import Part, labelled_split, repeated_fault, write_stream
 from musc_edge.calibration import (
     CalibrationError,
     calibrate,
@@ -22,12 +24,9 @@ from musc_edge.calibration import (
 from musc_edge.msm.nearest import nearest_distances
 from musc_edge.musc import MuSc
 from musc_edge.runtime.known_good import Joined, KnownGood
-from musc_edge.runtime.line_bench import StreamSource, defects_first, run_stream, stream_report
 from musc_edge.runtime.record import ResultRecord
 from musc_edge.runtime.verdicts import CalibratedJudge, HistoryJudge
-from musc_edge.streams import Part, labelled_split, repeated_fault, write_stream
-from tests.test_runners import write_package
-from tests.test_runtime_loop import SIZE, PooledColours, make_line, write_parts
+from tests.helpers import SIZE, PooledColours, make_line, write_package, write_parts
 
 
 def stand_in_calibration(tmp_path: Path, count: int = 8, aligned: bool = False, **package_changes):
@@ -61,9 +60,9 @@ def test_aligned_calibration_judges_distance_and_positional_deviation(tmp_path: 
     save_calibration(made, tmp_path / "cal.safetensors")
     loaded = load_calibration(tmp_path / "cal.safetensors", package)
     assert loaded.aligned and loaded.summary()["aligned"] and loaded.threshold == 1.0
-    positional = loaded.positional
-    assert positional.distance_threshold == made.positional.distance_threshold
-    for a, b in zip(positional.spread, made.positional.spread, strict=True):
+    spread_model = loaded.aligned_spread
+    assert spread_model.distance_threshold == made.aligned_spread.distance_threshold
+    for a, b in zip(spread_model.spread, made.aligned_spread.spread, strict=True):
         assert torch.equal(a, b) and bool((a > 0).all())
     # the verdict map: the larger of distance and deviation, each over its own threshold
     references = loaded.references()
@@ -74,14 +73,14 @@ def test_aligned_calibration_judges_distance_and_positional_deviation(tmp_path: 
     plain = sum(distances) / len(sets)
     deviation = sum(
         (d - c) / sp
-        for d, c, sp in zip(distances, positional.centre, positional.spread, strict=True)
+        for d, c, sp in zip(distances, spread_model.centre, spread_model.spread, strict=True)
     ) / len(sets)
     by_hand = torch.maximum(
-        plain / positional.distance_threshold, deviation / positional.deviation_threshold
+        plain / spread_model.distance_threshold, deviation / spread_model.deviation_threshold
     )
     maps = MuSc().bank_maps(sets, references)
     assert torch.allclose(maps.flatten(1), by_hand, atol=1e-5)
-    unaligned = MuSc().bank_maps(sets, replace(references, positional=None))
+    unaligned = MuSc().bank_maps(sets, replace(references, aligned_spread=None))
     assert torch.allclose(unaligned.flatten(1), plain, atol=1e-6)
     # held-out scores are on the same scale: each part measured against the others
     assert made.scores.shape == (8,) and float(made.scores.median()) < made.threshold
@@ -191,10 +190,10 @@ def test_restart_keeps_the_history_threshold(tmp_path: Path) -> None:
     line.run()
     records = list(line.journal.records())
     assert records and all(not r.calibrated and r.threshold_basis == "history" for r in records)
-    kept = line.judge.threshold([])
+    kept = line.verdicts.judge.threshold([])
     restarted = make_line(tmp_path)
-    assert restarted.judge.threshold([]) == kept
-    assert list(restarted.judge.normal) == list(line.judge.normal)
+    assert restarted.verdicts.judge.threshold([]) == kept
+    assert list(restarted.verdicts.judge.normal) == list(line.verdicts.judge.normal)
 
 
 def test_calibrated_line_judges_every_part_against_the_known_good_parts(tmp_path: Path) -> None:
@@ -212,7 +211,7 @@ def test_calibrated_line_judges_every_part_against_the_known_good_parts(tmp_path
             assert record.calibrated and record.threshold_basis == "calibration"
             assert record.threshold == made.threshold
             assert record.score == record.reference_score
-        assert isinstance(line.judge, CalibratedJudge)
+        assert isinstance(line.verdicts.judge, CalibratedJudge)
 
 
 def test_refresh_lets_only_clearly_normal_parts_join_and_stays_bounded(tmp_path: Path) -> None:
@@ -228,7 +227,7 @@ def test_refresh_lets_only_clearly_normal_parts_join_and_stays_bounded(tmp_path:
 
 
 def test_streams_keep_their_order_and_truth(tmp_path: Path, bottle_dir: Path) -> None:
-    from musc_edge.datasets import load_samples
+    from musc_edge.bench.datasets import load_samples
 
     samples = load_samples("mvtec", bottle_dir.parent, "bottle")
     grouped = labelled_split(samples, "grouped")
@@ -366,7 +365,7 @@ def test_line_records_say_repeated_for_a_defect_at_one_place(tmp_path: Path) -> 
     line.run()
     flagged = sorted(r.file for r in line.journal.records() if r.repeated)
     assert flagged == sorted(marked)
-    assert line.stats.repeated == len(marked)
+    assert line.stats.counts.repeated == len(marked)
 
 
 def test_calibrate_then_run_on_real_bottle_images(

@@ -36,16 +36,17 @@ from musc_edge.package import load_package
 from musc_edge.runtime import sinks
 from musc_edge.runtime.addresses import is_loopback
 from musc_edge.runtime.journal import RESULTS_FILE, Journal
-from musc_edge.runtime.line import Line, LineSettings
+from musc_edge.runtime.line import Line
 from musc_edge.runtime.record import ResultRecord, Timings
 from musc_edge.runtime.runners import open_runner
+from musc_edge.runtime.settings import LineSettings
 from musc_edge.runtime.view import ViewServer, serve
 from musc_edge.runtime.view import server as view_server
 from musc_edge.runtime.view import state as view_state
 from musc_edge.runtime.view.metrics import prometheus_text
 from musc_edge.runtime.view.state import JournalTail, OutFolderView, ViewState
 from tests.conftest import BOTTLE, need
-from tests.test_runtime_loop import make_line, write_parts
+from tests.helpers import make_line, write_parts
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -211,6 +212,7 @@ def test_state_counts_rate_latency_and_flags() -> None:
         "unjudged": 0,
         "failed": 1,
         "repeated": 0,
+        "joined": 0,
         "shift_commits": 1,
     }
     # commits 2 and 3 (8 parts plus the failure) came in the 20 s after the first commit

@@ -50,9 +50,9 @@ def bench(
     """Time decode, backbone, LNAMD, MSM, RsCIN and writing for a model package."""
     if ctx.invoked_subcommand is not None:
         return
+    from musc_edge.bench.pipelines import line_pipeline, original_pipeline
+    from musc_edge.bench.stages import agreement, batch_paths, measure, speedups
     from musc_edge.package import load_package
-    from musc_edge.runtime.bench_pipelines import line_pipeline, original_pipeline
-    from musc_edge.runtime.benchmark import agreement, batch_paths, measure, speedups
 
     if model is None:
         raise typer.BadParameter("--model is required (a folder written by musc-edge export)")
@@ -120,13 +120,13 @@ def bench(
 
 def loosest(*precisions: Precision) -> str:
     """The precision whose agreement tolerance applies when stages run at different ones."""
-    from musc_edge.runtime.benchmark import TOLERANCE
+    from musc_edge.bench.stages import TOLERANCE
 
     return max((p.value for p in precisions), key=TOLERANCE.__getitem__)
 
 
 def write_synthetic(folder: Path, count: int, size: int) -> Path:
-    from musc_edge.runtime.synthetic import write_parts
+    from musc_edge.bench.synthetic import write_parts
 
     write_parts(folder / "images", count, size)
     return folder / "images"

@@ -42,10 +42,10 @@ def bench_line(
 ) -> None:
     """Build each stream, run `musc-edge run --once` over it and report recall, false rejects,
     the pooled AUROC of `score` and the flags the records carry."""
+    from musc_edge.bench.line_streams import STREAMS, StreamSource, run_stream
     from musc_edge.files import write_json_atomic
     from musc_edge.musc import MuSc
     from musc_edge.package import load_package
-    from musc_edge.runtime.line_bench import STREAMS, StreamSource, run_stream
     from musc_edge.runtime.runners import open_runner
 
     if bad := [value for value in overlap if value not in OVERLAP]:

@@ -13,6 +13,7 @@ from rich.table import Table
 
 from musc_edge.cli import options
 from musc_edge.cli.errors import user_errors
+from musc_edge.runtime.settings import Mode
 
 console = Console(soft_wrap=True)  # long paths stay whole in logs, whatever the width
 
@@ -31,7 +32,7 @@ def bench_sinks(
     model: Path = typer.Option(..., "--model", "-m", help="Model package folder."),
     images: Path = typer.Option(..., "--images", help="Folder of images to run the line on."),
     count: int = typer.Option(32, "--count", min=1, help="Images per run (the first N by name)."),
-    mode: str = typer.Option("batch", "--mode", help="batch or rolling."),
+    mode: Mode = typer.Option(Mode.batch, "--mode", help="batch or rolling."),
     batch_size: int = typer.Option(32, "--batch-size", "-n", min=1, help="Batch or window size."),
     engine: options.Engine = options.EngineOpt,
     sink: list[str] = typer.Option(
@@ -44,34 +45,32 @@ def bench_sinks(
     """Run the line without and with the given sinks (plain, sinks, plain, ... after one
     warm-up of each) and report time per image, latency, time inside the sinks' commits and
     the ratio. The sinks' receivers are not started here: point the sinks at yours."""
+    from musc_edge.bench.sinks import measure, pick_images, sink_specs
     from musc_edge.cli.bench_cmd import environment
     from musc_edge.files import write_json_atomic
     from musc_edge.musc import MuSc
     from musc_edge.package import load_package
-    from musc_edge.runtime.line import MODES
     from musc_edge.runtime.runners import open_runner
-    from musc_edge.runtime.sink_bench import measure, pick_images, sink_specs
 
-    if mode not in MODES:
-        raise typer.BadParameter(f"--mode is one of {', '.join(MODES)}, got {mode!r}")
     with user_errors():
         sinks = sink_specs(sink)
         paths = pick_images(images, count)
         package = load_package(model)
-        runner = open_runner(package, engine.value, allow_random_init)
+        runner = open_runner(package, engine.value, allow_random_init=allow_random_init)
         musc = MuSc.from_settings(package.musc)
         load_before = os.getloadavg()
         console.print(
             f"[bold]{package.backbone}[/] {package.image_size}px, {runner.description}, "
-            f"{mode} mode, {count} images, sinks {', '.join(sinks)}; load {load_before[0]:.2f}"
+            f"{mode.value} mode, {count} images, sinks {', '.join(sinks)}; "
+            f"load {load_before[0]:.2f}"
         )
-        settings = {"mode": mode, "batch_size": batch_size}
+        settings = {"mode": mode.value, "batch_size": batch_size}
         report = measure(paths, package, runner, musc, settings, sinks, runs, show_run)
     report = {
         "model": str(model),
         "images": str(images),
         "count": count,
-        "mode": mode,
+        "mode": mode.value,
         "batch_size": batch_size,
         "engine": runner.description,
         "sinks": sinks,

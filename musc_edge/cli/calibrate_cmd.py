@@ -62,7 +62,7 @@ def calibrate(
                 f"{good} holds {len(paths)} images; a calibration needs at least {MIN_PARTS}"
             )
         package = load_package(model)
-        runner = open_runner(package, engine.value, allow_random_init)
+        runner = open_runner(package, engine.value, allow_random_init=allow_random_init)
         musc = MuSc.from_settings(package.musc)
         console.print(f"calibrating {package.folder} on {len(paths)} parts from {good}")
         with progress_bar(console) as bar:

@@ -30,12 +30,13 @@ def demo(
     OUT/model is the package (reused when intact), OUT/camera the generated images and
     OUT/results the line's results, replaced on every run.
     """
-    from musc_edge.metrics import image_metrics
+    from musc_edge.bench.metrics import image_metrics
+    from musc_edge.bench.synthetic import write_parts
     from musc_edge.models.weights import ensure_fetched
     from musc_edge.musc import MuSc
-    from musc_edge.runtime.line import Line, LineSettings
+    from musc_edge.runtime.line import Line
     from musc_edge.runtime.runners import open_runner
-    from musc_edge.runtime.synthetic import write_parts
+    from musc_edge.runtime.settings import LineSettings
 
     model, camera, results = out / "model", out / "camera", out / "results"
     with user_errors():

@@ -53,9 +53,9 @@ def evaluate(
     device: str = options.Device,
 ) -> None:
     """Score each category's test images as one unlabeled batch and report the metrics."""
+    from musc_edge.bench.datasets import list_categories, load_samples
+    from musc_edge.bench.evaluate import evaluate_category, mean_metrics
     from musc_edge.calibration import load_calibration
-    from musc_edge.datasets import list_categories, load_samples
-    from musc_edge.evaluate import evaluate_category, mean_metrics
     from musc_edge.features import torch_extractor
     from musc_edge.files import write_json_atomic
     from musc_edge.musc import MuSc
@@ -154,19 +154,18 @@ def eval_binding(config, model) -> dict:
     """What a calibration must match for eval: backbone, size, blocks, preprocessing, MuSc.
 
     The exported backbone's sha256 is not checked: eval runs the torch model, not a package."""
-    return {
-        "backbone": config.backbone,
-        "image_size": config.image_size,
-        "layers": list(model.layers),
-        "preprocess": model.preprocess.to_dict(),
-        "musc": {"r_list": config.r_list, "frac": config.frac, "k_list": config.k_list},
-    }
+    from musc_edge.package import scoring_binding
+
+    musc = {"r_list": config.r_list, "frac": config.frac, "k_list": config.k_list}
+    return scoring_binding(
+        config.backbone, config.image_size, model.layers, model.preprocess.to_dict(), musc
+    )
 
 
 def reference_features(folder: Path, count: int, model, extractor, musc):
     """The first `count` images of the known-good folder as references, None for zero-shot."""
-    from musc_edge.datasets import DatasetError
-    from musc_edge.evaluate import known_good
+    from musc_edge.bench.datasets import DatasetError
+    from musc_edge.bench.evaluate import known_good
     from musc_edge.features import extract_features
     from musc_edge.images import list_images
 

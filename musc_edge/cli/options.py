@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import enum
 from pathlib import Path
 
 import typer
 
 from musc_edge.precision import Precision
+from musc_edge.runtime import settings as runtime_settings
 from musc_edge.runtime.runners import ENGINES
 
 Preset = typer.Option(
@@ -47,8 +47,7 @@ RandomInit = typer.Option(
 )
 Device = typer.Option("auto", "--device", help="cpu, cuda, or auto (cuda when available).")
 
-# The engine names come from the runner registry, the one list of them.
-Engine = enum.Enum("Engine", {name: name for name in ("auto", *ENGINES)}, type=str)
+Engine = runtime_settings.Engine  # from the runner registry, the one list of engine names
 EngineOpt = typer.Option(
     "auto",
     "--engine",

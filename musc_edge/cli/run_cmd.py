@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import enum
 import signal
 import statistics
 import threading
@@ -17,37 +16,25 @@ from rich.live import Live
 
 from musc_edge.cli import options
 from musc_edge.cli.errors import user_errors
-from musc_edge.cli.line_config import merge_line_config
+from musc_edge.cli.line_config import GIVEN, NOT_SETTINGS, read_config_values
 from musc_edge.errors import UsageError
-from musc_edge.images import DEFAULT_MAX_PIXELS
 from musc_edge.precision import Precision
+from musc_edge.runtime.settings import (
+    ALIASES,
+    Engine,
+    MapNorm,
+    Mode,
+    RunSettings,
+    default_of,
+    load_settings,
+)
 
 console = Console(soft_wrap=True)  # long paths stay whole in logs, whatever the width
 
 
-class Mode(str, enum.Enum):
-    batch = "batch"
-    rolling = "rolling"
-
-
-class MapNorm(str, enum.Enum):
-    batch = "batch"
-    image = "image"
-
-
-def default_out(camera_dir: Path) -> Path:
-    """CAMERA_DIR-musc-results beside the camera folder: outside it, so never watched."""
-    camera_dir = camera_dir.resolve()
-    return camera_dir.parent / f"{camera_dir.name}-musc-results"
-
-
-def parse_threshold(text: str) -> float | None:
-    if text == "auto":
-        return None
-    try:
-        return float(text)
-    except ValueError:
-        raise typer.BadParameter(f"--threshold takes a number or auto, got {text!r}") from None
+def flag(name: str) -> str:
+    """The command-line spelling of a setting."""
+    return {"out_dir": "--out", "watch": "--watch/--once"}.get(name, "--" + name.replace("_", "-"))
 
 
 def run(
@@ -64,21 +51,24 @@ def run(
         help="Line config (YAML): any of these options and the sinks; flags given here win.",
     ),
     batch_size: int = typer.Option(
-        32,
+        default_of("batch_size"),
         "--batch-size",
-        min=1,
         help="Images scored together (rolling: the window of references).",
     ),
     mode: Mode = typer.Option(
-        Mode.batch, "--mode", help="batch: score full batches; rolling: each image on arrival."
+        default_of("mode"),
+        "--mode",
+        help="batch: score full batches; rolling: each image on arrival.",
     ),
     watch: bool = typer.Option(
-        True, "--watch/--once", help="Keep watching for new files, or score what is there."
+        default_of("watch"),
+        "--watch/--once",
+        help="Keep watching for new files, or score what is there.",
     ),
     out: Path | None = typer.Option(
         None, "--out", help="Results folder (default: CAMERA_DIR-musc-results beside it)."
     ),
-    engine: options.Engine = options.EngineOpt,
+    engine: Engine = options.EngineOpt,
     backbone_precision: Precision | None = options.BackbonePrecision,
     msm_precision: Precision | None = typer.Option(
         None,
@@ -87,7 +77,7 @@ def run(
     ),
     window: int | None = options.Window,
     threshold: str = typer.Option(
-        "auto",
+        "auto",  # the model's None
         "--threshold",
         help="Score above which a part is anomalous, or auto: the calibration's, else the "
         "line's history.",
@@ -96,35 +86,43 @@ def run(
         None, "--calibration", help="Known-good parts from `musc-edge calibrate` (recommended)."
     ),
     refresh_references: int = typer.Option(
-        0,
+        default_of("refresh_references"),
         "--refresh-references",
-        min=0,
         help="Calibrated: let up to N recent clearly-normal parts join the references (drift).",
     ),
     map_norm: MapNorm = typer.Option(
-        MapNorm.batch, "--map-norm", help="Heatmaps scaled over the batch or per image."
+        default_of("map_norm"), "--map-norm", help="Heatmaps scaled over the batch or per image."
     ),
     overlap: bool | None = typer.Option(
-        None,
+        default_of("overlap"),
         "--overlap/--no-overlap",
         help="Batch mode: extract the next images while a batch is scored (default: with a GPU "
         "or more than one core).",
     ),
-    poll: float = typer.Option(0.5, "--poll", min=0.01, help="Seconds between folder scans."),
+    poll: float = typer.Option(default_of("poll"), "--poll", help="Seconds between folder scans."),
     settle: float = typer.Option(
-        1.0, "--settle", min=0, help="Seconds a file must stay unchanged before it is read."
+        default_of("settle"),
+        "--settle",
+        help="Seconds a file must stay unchanged before it is read.",
     ),
     decode_timeout: float = typer.Option(
-        10.0, "--decode-timeout", min=0, help="Seconds an undecodable file waits to be an error."
+        default_of("decode_timeout"),
+        "--decode-timeout",
+        help="Seconds an undecodable file waits to be an error.",
     ),
     max_wait: float = typer.Option(
-        60.0, "--max-wait", min=0, help="Watch, batch mode: score a partial batch this old (s)."
+        default_of("max_wait"),
+        "--max-wait",
+        help="Watch: answer a part waiting this long, in a partial batch or the rolling "
+        "warm-up (s; 0: never).",
     ),
     allow_random_init: bool = typer.Option(
-        False, "--allow-random-init", help="Torch engine: accept a random-weights package (tests)."
+        default_of("allow_random_init"),
+        "--allow-random-init",
+        help="Torch engine: accept a random-weights package (tests).",
     ),
     max_pixels: int = typer.Option(
-        DEFAULT_MAX_PIXELS, "--max-pixels", min=1, help="Refuse images declaring more pixels."
+        default_of("max_pixels"), "--max-pixels", help="Refuse images declaring more pixels."
     ),
     ignore: list[str] = typer.Option(
         [],
@@ -141,7 +139,9 @@ def run(
         None, "--serve", help="Live view in the browser at HOST:PORT (e.g. 127.0.0.1:8765)."
     ),
     allow_remote: bool = typer.Option(
-        False, "--allow-remote", help="Let --serve listen on other interfaces than localhost."
+        default_of("allow_remote"),
+        "--allow-remote",
+        help="Let --serve listen on other interfaces than localhost.",
     ),
 ) -> None:
     """Watch a camera folder; write scores, overlays and masks as images arrive.
@@ -152,70 +152,53 @@ def run(
     """
     # signals are taken from the start: a stop while the model loads ends the run cleanly
     with stop_on_signals() as stop, user_errors():
-        values, sinks = line_values(ctx, config)
-        run_line(values, sinks, stop)
+        run_line(line_settings(ctx, config), stop)
 
 
-def line_values(ctx: typer.Context, config: Path | None) -> tuple[dict, dict]:
-    """The run's options (the flags over the line config) and its extra sinks by name."""
+def line_settings(ctx: typer.Context, config: Path | None) -> RunSettings:
+    """The run's settings: the line config's values, the flags given over them, validated
+    by the one settings model (runtime/settings.py)."""
     from musc_edge.runtime.sinks import parse_sink_spec
 
-    values, sinks = dict(ctx.params), {}
+    values, sinks, source = {}, {}, {}
     if config is not None:
-        values, sinks = merge_line_config(ctx, config)
-    for text in values["sink"]:
+        values, sinks = read_config_values(config)
+        source = {name: f"{config}: {name}" for name in values}
+    for name, value in ctx.params.items():
+        source_of_value = ctx.get_parameter_source(name)
+        if name in NOT_SETTINGS or source_of_value is None or source_of_value.name not in GIVEN:
+            continue  # a default: the model has it
+        setting = ALIASES.get(name, name)
+        values[setting], source[setting] = value, flag(setting)
+    for text in ctx.params["sink"]:
         name, given = parse_sink_spec(text)
         sinks[name] = {**sinks.get(name, {}), **given}  # a flag's options win over the file's
-    for required in ("camera_dir", "model"):
-        if values[required] is None:
-            flag = "--" + required.replace("_", "-")
-            raise UsageError(f"{flag} is required (on the command line or in a --config file)")
-    return values, sinks
+    return load_settings({**values, "sinks": sinks}, source)
 
 
-def run_line(values: dict, sinks: dict, stop: threading.Event) -> None:
+def run_line(settings: RunSettings, stop: threading.Event) -> None:
     """Load the package, open the line (and the live view), and run until stopped."""
     from musc_edge.musc import MuSc
     from musc_edge.package import load_package
-    from musc_edge.runtime.line import Line, LineSettings
+    from musc_edge.runtime.line import Line
     from musc_edge.runtime.runners import open_runner
 
-    camera_dir = Path(values["camera_dir"])
-    out_dir = Path(values["out"] or default_out(camera_dir))
-    mode = Mode(values["mode"])
-    settings = LineSettings(
-        camera_dir=camera_dir,
-        out_dir=out_dir,
-        batch_size=values["batch_size"],
-        mode=mode.value,
-        watch=values["watch"],
-        threshold=parse_threshold(values["threshold"]),
-        map_norm=MapNorm(values["map_norm"]).value,
-        poll=values["poll"],
-        settle=values["settle"],
-        decode_timeout=values["decode_timeout"],
-        max_wait=values["max_wait"] or None,
-        sinks=sinks,
-        max_pixels=values["max_pixels"],
-        calibration=values["calibration"],
-        refresh_references=values["refresh_references"],
-        overlap=values["overlap"],
-        ignore=tuple(values["ignore"]),
+    console.print(f"loading {settings.model} ...")
+    package = load_package(settings.model)
+    runner = open_runner(
+        package,
+        Engine(settings.engine).value,
+        settings.backbone_precision,
+        allow_random_init=settings.allow_random_init,
     )
-    model = Path(values["model"])
-    console.print(f"loading {model} ...")
-    package = load_package(model)
-    engine = options.Engine(values["engine"]).value
-    runner = open_runner(package, engine, values["allow_random_init"], values["backbone_precision"])
-    precision = values["msm_precision"] and Precision(values["msm_precision"])
-    musc = MuSc.from_settings(package.musc, precision, window=values["window"])
-    with live_view(out_dir, values["serve"], values["allow_remote"]):
+    musc = MuSc.from_settings(package.musc, settings.msm_precision, window=settings.window)
+    with live_view(settings.out_dir, settings.serve, settings.allow_remote):
         line = Line(settings, package, runner, musc)
         console.print(
-            f"[bold]musc-edge run[/] {camera_dir} -> {out_dir}\n"
+            f"[bold]musc-edge run[/] {settings.camera_dir} -> {settings.out_dir}\n"
             f"model {package.folder} ({package.backbone} at {package.image_size}px), "
-            f"engine {runner.description}, {mode.value} mode, batch {settings.batch_size}, "
-            f"{musc.precision.value}"
+            f"engine {runner.description}, {settings.mode.value} mode, batch "
+            f"{settings.batch_size}, {musc.precision.value}"
             + ("" if musc.window is None else f", positional MSM, window {musc.window}")
             + f"\n{verdict_basis(line)}"
         )
@@ -237,7 +220,7 @@ def run_line(values: dict, sinks: dict, stop: threading.Event) -> None:
             line.on_update = show
             stats = line.run(stop)
     console.print(status_line(stats))
-    console.print(f"results: {out_dir / 'results.jsonl'} and results.csv")
+    console.print(f"results: {settings.out_dir / 'results.jsonl'} and results.csv")
 
 
 @contextlib.contextmanager
@@ -269,46 +252,35 @@ def parse_address(text: str) -> tuple[str, int]:
 
 def verdict_basis(line) -> str:
     """Where the threshold comes from, said once at start; uncalibrated is said loudly."""
-    basis = line.judge.basis
-    if basis == "calibration":
-        known = line.known_good
-        return (
-            f"calibrated: {len(known)} known-good parts, threshold "
-            f"{known.calibration.threshold:.4f} ({100 * known.calibration.target_frr:g} % "
-            "false rejects expected)"
-        )
-    if basis == "fixed":
-        return f"threshold {line.judge.value} (fixed by --threshold; not calibrated)"
-    return (
-        "[bold yellow]UNCALIBRATED[/]: the threshold comes from this line's own history; "
-        "run `musc-edge calibrate` with known-good parts for verdicts you can trust"
-    )
+    text = line.verdicts.describe()
+    return f"[bold yellow]{text}[/]" if not line.verdicts.calibrated else text
 
 
 def status_line(stats) -> str:
     """Images seen, scored, anomalous, failed, pending, flags and latencies, on one line."""
+    counts = stats.counts
     parts = [
         f"batches {stats.batches}",
         f"seen {stats.seen}",
-        f"scored {stats.scored}",
-        f"anomalous {stats.anomalous}",
-        f"failed {stats.failed}",
+        f"scored {counts.scored}",
+        f"anomalous {counts.anomalous}",
+        f"failed {counts.failed}",
         f"pending {stats.pending}",
     ]
     if not stats.calibrated:
         parts.append("uncalibrated")
     if stats.threshold is not None:
         parts.append(f"threshold {stats.threshold:.4f}")
-    if stats.unjudged:
-        parts.append(f"UNJUDGED {stats.unjudged}")
+    if counts.unjudged:
+        parts.append(f"UNJUDGED {counts.unjudged}")
     if stats.problem:
         parts.append(stats.problem)
-    if stats.shifts:
-        parts.append(f"SHIFT in {stats.shifts} commit(s)")
-    if stats.repeated:
-        parts.append(f"REPEATED defect on {stats.repeated} part(s)")
-    if stats.joined:
-        parts.append(f"{stats.joined} joined the references")
+    if counts.shift_commits:
+        parts.append(f"SHIFT in {counts.shift_commits} commit(s)")
+    if counts.repeated:
+        parts.append(f"REPEATED defect on {counts.repeated} part(s)")
+    if counts.joined:
+        parts.append(f"{counts.joined} joined the references")
     if stats.last_batch_ms is not None:
         parts.append(f"last batch latency {stats.last_batch_ms:.0f} ms")
     if stats.image_ms:

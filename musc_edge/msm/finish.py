@@ -10,7 +10,12 @@ from __future__ import annotations
 import torch
 
 
+def distances(best: torch.Tensor) -> torch.Tensor:
+    """Best similarities of unit vectors -> nearest-patch distances, in place (the one home of
+    `sqrt(max(0, 2 - 2 s))`: MSM, the known-good bank and the repeated-defect guard)."""
+    return best.mul_(-2).add_(2).clamp_min_(0).sqrt_()
+
+
 def band_scores(table: torch.Tensor, keep: int) -> torch.Tensor:
     """(rows, N, L) best similarities (self entries -inf) -> (rows, L) patch scores."""
-    best = table.topk(keep, dim=1, sorted=False).values
-    return best.mul_(-2).add_(2).clamp_min_(0).sqrt_().mean(dim=1)
+    return distances(table.topk(keep, dim=1, sorted=False).values).mean(dim=1)

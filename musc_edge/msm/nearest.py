@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from musc_edge.msm.finish import distances
 from musc_edge.msm.plan import FLOAT32_BYTES
 
 
@@ -39,5 +40,5 @@ def nearest_distances(
             own = torch.arange(start, start + block.shape[0], device=similarity.device)
             similarity[torch.arange(block.shape[0]), :, own] = -1.0
         best = similarity.flatten(2).amax(dim=2)
-        out.append((2 - 2 * best).clamp_min(0).sqrt())
+        out.append(distances(best))
     return torch.cat(out)

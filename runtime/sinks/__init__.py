@@ -76,9 +76,10 @@ SinkSpecs = Mapping[str, Mapping[str, Any]]  # extra sinks by name -> their opti
 Options = TypeVar("Options", bound=BaseModel)
 SINKS: dict[str, SinkFactory] = {}
 # built-in sinks live in modules of their own name and register themselves when imported;
-# the network ones are imported only when asked for, so the lean runtime does not need them
-NETWORK_SINKS = ("mqtt", "webhook", "opcua")
-_MODULES = {name: f"musc_edge.runtime.sinks.{name}" for name in CRASH_SAFE_ORDER + NETWORK_SINKS}
+# the optional ones (network protocols, the OPC UA server) are imported only when asked for,
+# so the lean runtime does not need their libraries
+OPTIONAL_SINKS = ("mqtt", "webhook", "opcua")
+_MODULES = {name: f"musc_edge.runtime.sinks.{name}" for name in CRASH_SAFE_ORDER + OPTIONAL_SINKS}
 
 
 def register_sink(name: str) -> Callable[[SinkFactory], SinkFactory]:
@@ -139,8 +140,8 @@ def _import_builtin(name: str) -> None:
         ) from None
 
 
-def open_sinks(setup: SinkSetup, extra: SinkSpecs | Sequence[str] = ()) -> list[Sink]:
-    """Instantiate the built-in sinks and the extra ones, in the order they are called.
+def open_sinks(setup: SinkSetup, extra: SinkSpecs | Sequence[str] = ()) -> dict[str, Sink]:
+    """Instantiate the built-in sinks and the extra ones, by name in the order they are called.
 
     If one fails to open, those already open are closed, so no thread or socket is left."""
     specs = extra if isinstance(extra, Mapping) else {name: {} for name in extra}
@@ -149,13 +150,13 @@ def open_sinks(setup: SinkSetup, extra: SinkSpecs | Sequence[str] = ()) -> list[
     unknown = [name for name in specs if name not in SINKS]
     if unknown:
         raise UsageError(f"unknown sink {', '.join(unknown)}; registered sinks: {', '.join(SINKS)}")
-    opened: list[Sink] = []
+    opened: dict[str, Sink] = {}
     try:
         for name in sink_names(list(specs)):
             options = specs.get(name, {})
-            opened.append(SINKS[name](replace(setup, name=name, options=options)))
+            opened[name] = SINKS[name](replace(setup, name=name, options=options))
     except BaseException:
-        for sink in reversed(opened):
+        for sink in reversed(opened.values()):
             sink.close()
         raise
     return opened

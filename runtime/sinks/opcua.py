@@ -16,7 +16,7 @@ import logging
 import math
 import threading
 from collections.abc import Coroutine, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 from urllib.parse import urlsplit
@@ -26,9 +26,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from musc_edge.errors import UsageError
 from musc_edge.runtime.addresses import is_loopback
+from musc_edge.runtime.counts import Counts
 from musc_edge.runtime.record import ResultRecord
 from musc_edge.runtime.sinks import CommitContext, SinkSetup, register_sink, sink_options
-from musc_edge.runtime.verdicts import ANOMALOUS
 
 NAME_PATTERN = r"^[A-Za-z0-9_-]+$"  # no dots: they separate the parts of a NodeId
 STARTING, RUNNING, STOPPED = "starting", "running", "stopped"
@@ -102,19 +102,14 @@ def _number(value: float | None) -> float:
 class Tally:
     """What the answer variables say; kept in the line's thread, sent whole with each update."""
 
-    parts: int = 0
-    anomalous: int = 0
-    failed: int = 0
+    counts: Counts = field(default_factory=Counts)
     last: ResultRecord | None = None  # the last answer, scored or failed
     judged: ResultRecord | None = None  # the last scored one: the line's threshold
 
     def add(self, records: Iterable[ResultRecord]) -> None:
         for record in records:
-            if record.error:
-                self.failed += 1
-            else:
-                self.parts += 1
-                self.anomalous += record.label == ANOMALOUS
+            self.counts.add(record.to_dict())
+            if record.error is None:
                 self.judged = record
             self.last = record
 
@@ -129,10 +124,10 @@ class Tally:
             "Calibrated": bool(judged and judged.calibrated),
             "Shift": bool(last and last.shift),
             "Repeated": bool(last and last.repeated),
-            "PartCount": self.parts,
-            "AnomalousCount": self.anomalous,
-            "FailedCount": self.failed,
-            "VerdictSequence": self.parts + self.failed,
+            "PartCount": self.counts.scored,
+            "AnomalousCount": self.counts.anomalous,
+            "FailedCount": self.counts.failed,
+            "VerdictSequence": self.counts.seen,
         }
 
 

@@ -14,17 +14,16 @@ import os
 import statistics
 import time
 from collections import deque
-from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from musc_edge.errors import MuscEdgeError
+from musc_edge.runtime.counts import Counts
 from musc_edge.runtime.health import read_health
 from musc_edge.runtime.journal import RESULTS_FILE
 from musc_edge.runtime.outputs import batch_dir
 from musc_edge.runtime.sinks.manifest import MANIFEST_FILE, read_manifest
-from musc_edge.runtime.verdicts import ANOMALOUS, NORMAL, UNJUDGED
 
 RECENT = 50  # cards on the page, newest first
 TIMELINE = 500  # scored parts in the score timeline
@@ -113,21 +112,6 @@ def epoch(timestamp: object) -> float | None:
         return None
 
 
-@dataclass
-class Counts:
-    """Totals over the whole journal; `seen` is every line, scored or failed."""
-
-    seen: int = 0
-    scored: int = 0
-    anomalous: int = 0
-    normal: int = 0
-    unlabelled: int = 0  # scored before any threshold could be set
-    unjudged: int = 0  # nothing to compare with and no calibration: not passed, not failed
-    failed: int = 0
-    repeated: int = 0
-    shift_commits: int = 0
-
-
 def card(record: dict[str, Any]) -> dict[str, Any]:
     """What a part's card on the page shows; `id` stays the same across updates."""
     return {
@@ -155,34 +139,23 @@ class ViewState:
         self.shift = False
 
     def add(self, record: dict[str, Any]) -> None:
-        counts = self.counts
-        counts.seen += 1
+        self.counts.add(record)
         self.recent.appendleft(card(record))
         self.last_record_at = record.get("recorded_at")
         self.last_batch = record.get("batch")
         self._time(record)
         if record.get("error") is not None or record.get("score") is None:
-            counts.failed += 1
             return
-        counts.scored += 1
-        label = record.get("label")
-        counts.anomalous += label == ANOMALOUS
-        counts.normal += label == NORMAL
-        counts.unlabelled += label is None
-        counts.unjudged += label == UNJUDGED
-        counts.repeated += bool(record.get("repeated"))
         self.latest = record
         self.scores.append(record["score"])
         self.thresholds.append(record.get("threshold"))
-        self.labels.append(label)
+        self.labels.append(record.get("label"))
         latency = (record.get("timings") or {}).get("latency_ms")
         if latency is not None:
             self.latencies.append(latency)
         if record.get("commit") != self.shift_commit:
             self.shift_commit, self.shift = record.get("commit"), False
-        if record.get("shift") and not self.shift:
-            self.shift = True
-            counts.shift_commits += 1
+        self.shift = self.shift or bool(record.get("shift"))
 
     def _time(self, record: dict[str, Any]) -> None:
         at = epoch(record.get("recorded_at"))
@@ -205,7 +178,7 @@ class ViewState:
         latest = self.latest or {}
         return {
             "records": self.counts.seen,
-            "counts": asdict(self.counts),
+            "counts": self.counts.to_dict(),
             "recent": list(self.recent),
             "timeline": {
                 "score": list(self.scores),

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
-from musc_edge.datasets import Sample
+from musc_edge.bench.datasets import Sample
+from musc_edge.bench.metrics import image_metrics, pixel_metrics
 from musc_edge.features import Extractor, Features, extract_features
 from musc_edge.images import Preprocess, read_image, read_mask
-from musc_edge.metrics import image_metrics, pixel_metrics
 from musc_edge.musc import Hooks, MuSc, References
 from musc_edge.visualize import normalise_maps, overlay, write_png
 

@@ -7,10 +7,10 @@ in float32, plain LNAMD and the per-image cdist MSM in float32. Both score throu
 
 from __future__ import annotations
 
+from musc_edge.bench.stages import Pipeline
 from musc_edge.musc import MuSc
 from musc_edge.package import ModelPackage
 from musc_edge.precision import Precision
-from musc_edge.runtime.benchmark import Pipeline
 from musc_edge.runtime.runners import open_runner
 
 

@@ -8,12 +8,10 @@ the two pipelines agree.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import resource
 import statistics
 import tempfile
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +24,7 @@ from musc_edge.features import Extractor
 from musc_edge.images import Preprocess, list_images, read_image
 from musc_edge.musc import Hooks, MuSc, References
 from musc_edge.parallel import thread_map
+from musc_edge.profile import Profile
 from musc_edge.visualize import normalise_maps, overlay, write_png
 
 STAGES = ("decode", "backbone", "lnamd", "bank", "msm", "rscin", "write")  # bank: calibrated
@@ -94,36 +93,9 @@ class Measurement:
         }
 
 
-def synchronise() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-class Stopwatch:
-    """Times named stages; synchronises the GPU so asynchronous work lands in its stage."""
-
-    def __init__(self) -> None:
-        self.times: dict[str, float] = {}
-
-    def stage(self, name: str) -> contextlib.AbstractContextManager:
-        """A context manager adding the time spent inside it to `name`."""
-        watch = self
-
-        class _Timer:
-            def __enter__(self) -> None:
-                synchronise()
-                self.start = time.perf_counter()
-
-            def __exit__(self, *exc: object) -> None:
-                synchronise()
-                watch.times[name] = watch.times.get(name, 0.0) + time.perf_counter() - self.start
-
-        return _Timer()
-
-
 def run_once(pipeline: Pipeline, paths: Sequence[Path], out_dir: Path) -> RunOutput:
     """Decode+preprocess, backbone, LNAMD, MSM, RsCIN and result writing for one batch."""
-    watch = Stopwatch()
+    watch = Profile()  # the line's own stage timer (musc_edge/profile.py)
     with watch.stage("decode"):
         images = thread_map(read_image, paths)
         batch = np.stack(thread_map(pipeline.preprocess, images))
@@ -143,14 +115,17 @@ def run_once(pipeline: Pipeline, paths: Sequence[Path], out_dir: Path) -> RunOut
     scores = result.verdict_scores
     with watch.stage("write"):
         write_results(out_dir, images, maps, scores.cpu())
-    watch.times["total"] = sum(watch.times.values())
-    return RunOutput(watch.times, maps, scores.float().cpu())
+    times = {name: ms / 1000 for name, ms in watch.ms.items()}
+    times["total"] = sum(times.values())
+    return RunOutput(times, maps, scores.float().cpu())
 
 
 def write_results(
     out_dir: Path, images: Sequence[np.ndarray], maps: torch.Tensor, scores: torch.Tensor
 ) -> None:
-    """What the line writes per image: a JSON line and a heatmap overlay PNG."""
+    """A JSON line and a heatmap overlay PNG per image: the core of what the line writes,
+    without its journal's fsync, CSV, manifest and masks (`bench line` and `bench sinks` time
+    the line itself)."""
     heat = normalise_maps(maps.numpy(), "batch")
 
     def write_overlay(index: int) -> None:

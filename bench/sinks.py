@@ -2,19 +2,19 @@
 with them, alternated in one process so that a machine whose speed drifts moves both arms alike.
 
 Each run copies the images into a fresh camera folder and runs `Line` once (`watch=False`,
-`settle=0`). Every sink is wrapped in a timer, so a run says how long the line's own thread
-spent inside the extra sinks' `commit` calls (the direct cost) apart from what the sinks'
-threads take from the same cores (the indirect cost, seen only in the totals).
+`settle=0`). The line times every sink's `commit`, `flush` and `close` itself (its run profile,
+musc_edge/profile.py), so a run says how long the line's own thread spent inside the extra
+sinks' calls (the direct cost) apart from what the sinks' threads take from the same cores
+(the indirect cost, seen only in the totals).
 """
 
 from __future__ import annotations
 
-import contextlib
 import shutil
 import statistics
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,16 +23,13 @@ from musc_edge.errors import UsageError
 from musc_edge.images import list_images
 from musc_edge.musc import MuSc
 from musc_edge.package import ModelPackage
-from musc_edge.runtime.line import Line, LineSettings
-from musc_edge.runtime.record import ResultRecord
+from musc_edge.runtime.line import Line
 from musc_edge.runtime.runners import Runner
+from musc_edge.runtime.settings import LineSettings
 from musc_edge.runtime.sinks import (
     CRASH_SAFE_ORDER,
-    CommitContext,
-    Sink,
     SinkSpecs,
     parse_sink_spec,
-    sink_names,
 )
 from musc_edge.runtime.sinks.outbox import backlog
 
@@ -60,36 +57,6 @@ def pick_images(folder: Path, count: int) -> list[Path]:
     if len(images) < count:
         raise UsageError(f"{folder} holds {len(images)} images; --count {count} needs that many")
     return images[:count]
-
-
-class TimedSink:
-    """A sink whose calls are timed on the line's thread: what the line waits for."""
-
-    def __init__(self, sink: Sink) -> None:
-        self.sink = sink
-        self.commit_s = 0.0
-        self.stop_s = 0.0  # flush and close, at the end of the run
-
-    def commit(self, records: Sequence[ResultRecord], context: CommitContext) -> None:
-        with self._timing("commit_s"):
-            self.sink.commit(records, context)
-
-    def flush(self) -> None:
-        with self._timing("stop_s"):
-            self.sink.flush()
-
-    def close(self) -> None:
-        with self._timing("stop_s"):
-            self.sink.close()
-
-    @contextlib.contextmanager
-    def _timing(self, total: str) -> Iterator[None]:
-        """Adds the time of the block to the attribute named `total`, even if it raises."""
-        started = time.perf_counter()
-        try:
-            yield
-        finally:
-            setattr(self, total, getattr(self, total) + time.perf_counter() - started)
 
 
 @dataclass
@@ -142,8 +109,6 @@ def run_once(
         started = time.perf_counter()
         line = Line(line_settings, package, runner, musc)
         opened = time.perf_counter()
-        timed = [TimedSink(sink) for sink in line.sinks]
-        line.sinks = list(timed)
         line.run()
         ended = time.perf_counter()
         records = list(line.journal.records())
@@ -151,9 +116,10 @@ def run_once(
     failed = [record for record in records if record.error]
     if failed:
         raise UsageError(f"{failed[0].file} could not be scored: {failed[0].error}")
-    stop_s = sum(sink.stop_s for sink in timed)
-    built_in = len(CRASH_SAFE_ORDER)  # open_sinks' order: the built-ins, then the extras
-    extra = dict(zip(sink_names(list(sinks))[built_in:], timed[built_in:], strict=True))
+    stages = line.stats.profile.ms
+    stop_s = sum(ms for name, ms in stages.items() if name.startswith("close ")) / 1000
+    extra = [name for name in line.parts.committer.sinks if name not in CRASH_SAFE_ORDER]
+    commit_s = {name: stages.get(f"sink {name}", 0.0) / 1000 for name in extra}
     latencies = [record.timings.latency_ms or 0.0 for record in records]
     return RunFigures(
         arm,
@@ -162,8 +128,8 @@ def run_once(
         loop_s=ended - opened - stop_s,
         stop_s=stop_s,
         latency_ms=statistics.median(latencies),
-        sink_commit_s=sum(sink.commit_s for sink in extra.values()),
-        commit_s_by_sink={name: sink.commit_s for name, sink in extra.items()},
+        sink_commit_s=sum(commit_s.values()),
+        commit_s_by_sink=commit_s,
         backlog=left,
     )
 

@@ -13,17 +13,24 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from musc_edge.bench.datasets import load_samples
+from musc_edge.bench.metrics import image_metrics
+from musc_edge.bench.streams import (
+    Part,
+    brightness_ramp,
+    labelled_split,
+    repeated_fault,
+    write_stream,
+)
 from musc_edge.calibration import load_calibration
-from musc_edge.datasets import load_samples
 from musc_edge.errors import UsageError
 from musc_edge.images import list_images
-from musc_edge.metrics import image_metrics
 from musc_edge.musc import MuSc
 from musc_edge.package import ModelPackage
-from musc_edge.runtime.line import Line, LineSettings
+from musc_edge.runtime.line import Line
 from musc_edge.runtime.runners import Runner
+from musc_edge.runtime.settings import LineSettings
 from musc_edge.runtime.verdicts import ANOMALOUS
-from musc_edge.streams import Part, brightness_ramp, labelled_split, repeated_fault, write_stream
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from musc_edge.datasets import Sample
+from musc_edge.bench.datasets import Sample
 from musc_edge.errors import UsageError
 from musc_edge.images import read_image
 from musc_edge.visualize import write_png

@@ -1,0 +1,208 @@
+"""When the line scores: a scheduler per `--mode`, behind one interface.
+
+The line's loop takes files, extracts their features and hands the items to its scheduler;
+the scheduler says how many files to take next (`room`), which answers are ready to commit
+(those `add` yields at once, then `ready`, in commit order), whether it still holds anything
+(`busy`), and which batch number the next commit gets. Batch and rolling mode differ only
+here.
+
+- `BatchScheduler`: every `batch_size` items are scored together; a partial batch when the run
+  ends or its oldest item has waited `max_wait`, with the previous batch as references. With
+  `overlap`, a batch is scored in a worker thread while the loop extracts the next items.
+- `RollingScheduler`: each item is answered on arrival against the window of the last
+  answered ones (`scoring.RollingScorer`).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_for
+from functools import partial
+
+from musc_edge.musc import MuSc
+from musc_edge.profile import Profile
+from musc_edge.runtime.journal import Journal
+from musc_edge.runtime.known_good import KnownGood
+from musc_edge.runtime.scoring import Answer, Item, RollingScorer, Window, score_batch
+
+Scored = tuple[list[Answer], Profile]  # answers and the stage times of their scoring
+
+
+def profiled(score: Callable[[Profile], list[Answer]]) -> Scored:
+    """`score(profile)`'s answers and its stage times, the whole call as "score" (in
+    whichever thread it runs)."""
+    profile = Profile()
+    with profile.stage("score"):
+        answers = score(profile)
+    return answers, profile
+
+
+class Scheduler:
+    """Holds extracted items until they are scored; see the module docstring."""
+
+    def __init__(
+        self,
+        musc: MuSc,
+        batch_size: int,
+        map_norm: str,
+        known_good: KnownGood | None,
+        max_batch: int,
+        max_wait: float | None,
+    ) -> None:
+        self.musc = musc
+        self.batch_size = batch_size
+        self.map_norm = map_norm
+        self.known_good = known_good
+        self.max_batch = max_batch
+        self.max_wait = max_wait  # None: no time limit (the run ends with --once)
+
+    def room(self) -> int:
+        """How many files to take now."""
+        raise NotImplementedError
+
+    def add(self, items: list[Item]) -> Iterator[Scored]:
+        """Take items whose features are extracted, in arrival order; yields the answers
+        they make possible at once (each to be committed before the next is scored)."""
+        raise NotImplementedError
+
+    def ready(self, finishing: bool) -> tuple[list[Scored], bool]:
+        """Answers to commit now, in order, and whether scoring started that will answer
+        later (the loop then goes on at once); `finishing`: score whatever is held."""
+        raise NotImplementedError
+
+    @property
+    def held(self) -> int:
+        """Items waiting to be scored."""
+        raise NotImplementedError
+
+    @property
+    def busy(self) -> bool:
+        """Items held or being scored."""
+        return self.held > 0
+
+    def batch_number(self, journal: Journal) -> int:
+        """The batch the next commit belongs to."""
+        raise NotImplementedError
+
+    def failure_batch(self, journal: Journal) -> int:
+        """The batch failures found now are recorded in: the one being collected."""
+        return self.batch_number(journal)
+
+    def wait(self, stop: threading.Event, poll: float) -> None:
+        """Until the next poll."""
+        stop.wait(poll)
+
+    def close(self) -> None:
+        """Stop any worker (after the answers in flight are collected)."""
+
+    def waited_too_long(self, since: float | None) -> bool:
+        """An item ready at `since` (monotonic) has waited `max_wait` for its answer."""
+        if since is None or self.max_wait is None:
+            return False
+        return time.monotonic() - since >= self.max_wait
+
+
+class BatchScheduler(Scheduler):
+    def __init__(self, *args, overlap: bool = False, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.in_hand: list[Item] = []
+        # the last batch: the references of a partial batch (the tail of a run)
+        self.recent_parts = Window(self.batch_size, self.musc.precision.dtype)
+        # with overlap one batch is scored in this thread while the loop extracts the next
+        self.worker = ThreadPoolExecutor(1, "musc-score") if overlap else None
+        self.scoring: Future[Scored] | None = None  # the batch in flight
+
+    def room(self) -> int:
+        room = self.batch_size - len(self.in_hand)
+        # without overlap a full batch is scored before the next take, so take at least one
+        return min(self.max_batch, room if self.worker is not None else max(1, room))
+
+    def add(self, items: list[Item]) -> Iterator[Scored]:
+        self.in_hand.extend(items)
+        yield from ()
+
+    def ready(self, finishing: bool) -> tuple[list[Scored], bool]:
+        done: list[Scored] = []
+        if self.scoring is not None and self.scoring.done():
+            future, self.scoring = self.scoring, None
+            done.append(future.result())  # the worker's errors are raised here
+        if self.scoring is not None or not self._due(finishing):
+            return done, False
+        items, self.in_hand = self.in_hand[: self.batch_size], self.in_hand[self.batch_size :]
+        score = partial(
+            score_batch, items, self.musc, self.map_norm, self.known_good, self.recent_parts
+        )
+        if self.worker is None:
+            done.append(profiled(score))
+            return done, False
+        self.scoring = self.worker.submit(profiled, score)
+        return done, True
+
+    def _due(self, finishing: bool) -> bool:
+        if not self.in_hand:
+            return False
+        if len(self.in_hand) >= self.batch_size or finishing:
+            return True
+        return self.waited_too_long(self.in_hand[0].arrival.ready_at)
+
+    @property
+    def held(self) -> int:
+        return len(self.in_hand)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.in_hand) or self.scoring is not None
+
+    def batch_number(self, journal: Journal) -> int:
+        records = journal.last_batch_records
+        if records and all(r.error for r in records):
+            return journal.last_batch  # errors recorded while this batch was being collected
+        return journal.last_batch + 1
+
+    def wait(self, stop: threading.Event, poll: float) -> None:
+        """Until the next poll, or sooner when the batch in flight is scored."""
+        if self.scoring is None:
+            stop.wait(poll)
+        else:
+            wait_for([self.scoring], timeout=poll)
+
+    def close(self) -> None:
+        if self.worker is not None:
+            self.worker.shutdown(wait=True)
+
+
+class RollingScheduler(Scheduler):
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.scorer = RollingScorer(self.musc, self.batch_size, self.map_norm, self.known_good)
+
+    def room(self) -> int:
+        return self.max_batch
+
+    def add(self, items: list[Item]) -> Iterator[Scored]:
+        for item in items:
+            yield profiled(partial(self.scorer.add, item))
+
+    def ready(self, finishing: bool) -> tuple[list[Scored], bool]:
+        """The warm-up group, when the run ends or it has waited `max_wait`."""
+        if finishing or self.waited_too_long(self.scorer.waiting_since):
+            return [profiled(self.scorer.flush)], False
+        return [], False
+
+    @property
+    def held(self) -> int:
+        return len(self.scorer.waiting)
+
+    def batch_number(self, journal: Journal) -> int:
+        """Groups of `batch_size` answers share a batch number (and a manifest)."""
+        records = journal.last_batch_records
+        if 0 < len(records) < self.batch_size:
+            return journal.last_batch
+        return journal.last_batch + 1
+
+
+# one scheduler per --mode (runtime/settings.py: Mode)
+SCHEDULERS: dict[str, type[Scheduler]] = {"batch": BatchScheduler, "rolling": RollingScheduler}

@@ -1,0 +1,168 @@
+"""How a line runs: one settings model that the flags, the line config and Python all use.
+
+`LineSettings` is what the line loop needs, `RunSettings` adds what `musc-edge run` needs to
+build it (the package, the engine, the live view). Each is the one source of its defaults,
+ranges and choices: `run`'s typer options take their defaults from here, a line config (YAML)
+is validated here, and Python code builds them directly. Unknown keys are refused with the
+closest known one suggested, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import enum
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from pydantic import AliasChoices, ConfigDict, Field, ValidationError, field_validator
+from pydantic.dataclasses import dataclass
+
+from musc_edge.errors import UsageError
+from musc_edge.images import DEFAULT_MAX_PIXELS
+from musc_edge.precision import Precision
+from musc_edge.runtime.runners import ENGINES
+
+
+class Mode(str, enum.Enum):
+    """batch: score full batches together; rolling: each image on arrival (schedulers.py)."""
+
+    batch = "batch"
+    rolling = "rolling"
+
+
+class MapNorm(str, enum.Enum):
+    """Heatmaps scaled over the batch or per image."""
+
+    batch = "batch"
+    image = "image"
+
+
+# The engine names come from the runner registry, the one list of them.
+Engine = enum.Enum("Engine", {name: name for name in ("auto", *ENGINES)}, type=str)
+
+
+def default_out(camera_dir: Path) -> Path:
+    """CAMERA_DIR-musc-results beside the camera folder: outside it, so never watched."""
+    camera_dir = Path(camera_dir).resolve()
+    return camera_dir.parent / f"{camera_dir.name}-musc-results"
+
+
+CONFIG = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+@dataclass(config=CONFIG)
+class LineSettings:
+    """How the line runs; every field is a `musc-edge run` option of the same name."""
+
+    camera_dir: Path
+    # default: CAMERA_DIR-musc-results beside the camera folder (`out` in a line config)
+    out_dir: Path | None = Field(None, validation_alias=AliasChoices("out_dir", "out"))
+    batch_size: int = Field(32, ge=1)
+    mode: Mode = Mode.batch
+    watch: bool = True
+    threshold: float | None = None  # None ("auto"): the calibration's, else the line's history
+    calibration: Path | None = None  # known-good parts from `musc-edge calibrate`
+    refresh_references: int = Field(0, ge=0)  # calibrated: recent clearly-normal parts join
+    map_norm: MapNorm = MapNorm.batch
+    poll: float = Field(0.5, ge=0.01)
+    settle: float = Field(1.0, ge=0)
+    decode_timeout: float = Field(10.0, ge=0)
+    max_wait: float | None = Field(60.0, ge=0)  # watch: answer a part this old; 0 or None: never
+    sinks: dict[str, dict[str, Any]] = Field(default_factory=dict)  # extra sinks, in order
+    max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1)  # images declaring more are refused
+    overlap: bool | None = None  # batch mode: extract the next images while one is scored
+    ignore: tuple[str, ...] = ()  # glob patterns of camera paths never looked at (an archive)
+
+    @field_validator("threshold", mode="before")
+    @classmethod
+    def _auto_threshold(cls, value: object) -> object:
+        return None if value == "auto" else value
+
+    @field_validator("max_wait")
+    @classmethod
+    def _no_wait_limit(cls, value: float | None) -> float | None:
+        return value or None
+
+    def __post_init__(self) -> None:
+        if self.out_dir is None:
+            self.out_dir = default_out(self.camera_dir)
+        if Path(self.out_dir).resolve() == Path(self.camera_dir).resolve():
+            raise ValueError(
+                f"--out {self.out_dir} is the camera folder; the line would score its own "
+                "outputs. Choose a folder beside it (the default is CAMERA_DIR-musc-results)"
+            )
+        if self.refresh_references and self.calibration is None:
+            raise ValueError("--refresh-references needs a --calibration to refresh")
+
+
+@dataclass(config=CONFIG)
+class RunSettings(LineSettings):
+    """A line plus what `musc-edge run` builds it from (see `run --help`)."""
+
+    model: Path | None = None  # the model package (required)
+    engine: Engine = Engine.auto  # type: ignore[attr-defined]
+    backbone_precision: Precision | None = None
+    msm_precision: Precision | None = None
+    window: int | None = None  # positional MSM (docs/positional.md)
+    allow_random_init: bool = False
+    serve: str | None = None  # live view at HOST:PORT
+    allow_remote: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.model is None:
+            raise ValueError("--model is required (on the command line or in a --config file)")
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(RunSettings)}
+ALIASES = {"out": "out_dir"}
+
+
+def default_of(name: str) -> Any:
+    """A field's default, for the typer option of the same name."""
+    field = FIELDS[name]
+    default = field.default
+    return getattr(default, "default", default)
+
+
+def path_fields() -> tuple[str, ...]:
+    """Fields holding paths (a line config's relative paths are relative to the file)."""
+    return tuple(name for name, field in FIELDS.items() if "Path" in str(field.type))
+
+
+def load_settings(
+    values: Mapping[str, Any], source: Mapping[str, str] | str = "settings"
+) -> RunSettings:
+    """Validate a mapping of options (flags, a line config, or both merged) into the model.
+
+    `source` names where each key came from ("--batch-size", "line.yaml: batch_size"), or is
+    one label for all; any problem is one UsageError naming it."""
+    data = {ALIASES.get(key, key): value for key, value in values.items()}
+    where = (lambda key: source.get(key, key)) if isinstance(source, Mapping) else None
+    for key in data:
+        if key not in FIELDS:
+            close = difflib.get_close_matches(key, FIELDS, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            label = where(key) if where else f"{source}: {key}"
+            raise UsageError(
+                f"{label}: unknown key{hint}; the keys are {', '.join(sorted(FIELDS))}"
+            )
+    if "camera_dir" not in data:
+        raise UsageError("--camera-dir is required (on the command line or in a --config file)")
+    try:
+        return RunSettings(**data)
+    except ValidationError as error:
+        raise UsageError(
+            settings_problem(error, where or (lambda key: f"{source}: {key}"))
+        ) from None
+
+
+def settings_problem(error: ValidationError, label: Any = lambda key: key) -> str:
+    """The first problem of a ValidationError on one line; `label(key)` names the field."""
+    problem = error.errors()[0]
+    message = problem["msg"].removeprefix("Value error, ")
+    if not problem["loc"]:  # a rule over several fields: its message says it all
+        return message
+    return f"{label(str(problem['loc'][0]))}: {message}"

@@ -4,8 +4,9 @@ Batch mode is MuSc as the paper runs it. Rolling mode answers each image on arri
 the last `window` images, which MuSc takes as references (they vote, they are not scored
 again); until the window holds a few images there is nothing to compare with, so the first
 images are held and scored together as one small batch (at the latest after `--max-wait`).
-In batch mode a partial batch (the tail of a run, a `--max-wait` batch) is scored with the
-previous batch's images as references, so a batch of one part is still compared with others.
+In batch mode a partial batch too small to judge on its own (the tail of a run, a `--max-wait`
+batch of fewer than RELIABLE_BATCH parts) is scored with the previous batch's images as
+references, so a batch of one part is still compared with others.
 Both go through `MuSc` itself; every answer says how many images it was compared with.
 With a calibration the known-good parts vote too, in every batch and window, and the score an
 image is judged by is its distance to them (docs/verdicts.md). Thresholds and labels are the
@@ -108,14 +109,17 @@ def score_batch(
 ) -> list[Answer]:
     """Score the items mutually with MuSc (and against the known-good parts, if any).
 
-    With `recent`, a batch smaller than the window is also compared with the window's images
-    (references), and every batch then joins the window. Stages are timed into `profile`."""
+    With `recent`, a batch too small to be judged on its own (fewer than RELIABLE_BATCH) is
+    also compared with the window's images (references), and every batch then joins the
+    window. Larger partial batches are scored on their own, as MuSc does: on a stream of
+    grouped defects the previous batch would lend them its defects as look-alikes (measured
+    in docs/runtime.md). Stages are timed into `profile`."""
     profile = profile or Profile()
     tokens, embeddings = stack_items(items)
     with profile.stage("lnamd"):
         sets = musc.pool(tokens)
     bank = known_good.references() if known_good else None
-    use_recent = recent is not None and len(recent) > 0 and len(items) < recent.size
+    use_recent = recent is not None and len(recent) > 0 and len(items) < RELIABLE_BATCH
     references, maps = recent.references() if use_recent else (None, None)
     hooks = Hooks(stage=profile.stage)
     result, warning = scored_quietly(

@@ -156,8 +156,8 @@ def test_a_vanished_camera_folder_is_reported_everywhere_and_taken_up_again(
         wait_until(lambda: health_of(view.url)[0] == 503, "/healthz 503")
         metrics = get_text(view.url + "metrics")
         assert "musc_input_ok 0" in metrics
+        write_parts(aside, 4, start=20)  # parts that came while it was away
         aside.rename(camera)
-        write_parts(camera, 4, start=20)
         wait_until(lambda: len(results(out)) == 8, "parts after the folder returned")
         wait_until(lambda: health_of(view.url) == (200, "ok"), "/healthz ok again")
     finally:
@@ -191,7 +191,10 @@ def test_rolling_answers_parts_within_max_wait_after_a_restart(tmp_path: Path) -
     out = tmp_path / "out"
     _, stop, worker = watched(tmp_path, mode="rolling", max_wait=0.5)
     try:
-        write_parts(camera, 1, start=30)  # one part; the warm-up would wait for five
+        # one part (the warm-up would wait for five), renamed in whole: the line is not
+        # settling files here
+        (name,) = write_parts(tmp_path / "staging", 1, start=30)
+        (tmp_path / "staging" / name).rename(camera / name)
         wait_until(lambda: len(results(out)) == 7, "the answer within max-wait", timeout=15)
     finally:
         stop.set()

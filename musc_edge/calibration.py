@@ -33,11 +33,47 @@ FORMAT_VERSION = 1
 STORED_DTYPE = torch.float16  # unit vectors; the scores are computed from the stored values
 EULER_GAMMA = 0.5772156649
 MIN_PARTS = 5
+CONFIDENCE = 0.95  # of the stated bound on the false-reject rate
 SPREAD_FLOOR = 1e-3  # distance units: a position that never varies still has some spread
 
 
 class CalibrationError(MuscEdgeError, ValueError):
     """A calibration that cannot be made or used; the message says what to do."""
+
+
+def frr_upper_bound(exceeding: int, parts: int, confidence: float = CONFIDENCE) -> float:
+    """The false-reject rate that `exceeding` of `parts` held-out good parts above the
+    threshold rule out at `confidence` (Clopper-Pearson, one-sided): what the parts show,
+    whatever the shape of the score distribution the threshold was fitted with."""
+    if exceeding >= parts:
+        return 1.0
+
+    def at_most_seen(rate: float) -> float:  # P(no more than `exceeding` of `parts` exceed)
+        return sum(
+            math.comb(parts, k) * rate**k * (1 - rate) ** (parts - k) for k in range(exceeding + 1)
+        )
+
+    low, high = 0.0, 1.0
+    for _ in range(60):  # bisection: at_most_seen falls as the rate grows
+        middle = (low + high) / 2
+        low, high = (middle, high) if at_most_seen(middle) > 1 - confidence else (low, middle)
+    return high
+
+
+def parts_for_target(target_frr: float, confidence: float = CONFIDENCE) -> int:
+    """Held-out good parts, none above the threshold, that show the target rate at
+    `confidence` (1 % at 95 %: 299; the "rule of three")."""
+    return math.ceil(math.log(1 - confidence) / math.log(1 - target_frr))
+
+
+def threshold_confidence(exceeding: int, parts: int, calibration: Calibration) -> dict:
+    """How sure the threshold is: the bound on the false-reject rate the held-out scores
+    allow, and how many parts would make the target sure."""
+    return {
+        "confidence": CONFIDENCE,
+        "frr_upper_bound": frr_upper_bound(exceeding, parts),
+        "parts_for_target": parts_for_target(calibration.target_frr),
+    }
 
 
 def gumbel_threshold(scores: torch.Tensor, target_frr: float) -> float:
@@ -93,6 +129,7 @@ class Calibration:
             "threshold": self.threshold,
             "target_frr": self.target_frr,
             "leave_one_out_frr": float((scores > self.threshold).double().mean()),
+            **threshold_confidence(int((scores > self.threshold).sum()), len(self), self),
         }
 
     def check_binding(self, package: ModelPackage, source: Path | str) -> None:

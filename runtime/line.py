@@ -133,6 +133,10 @@ class LineParts:
             "threshold_basis": verdicts.basis,
             "calibration": str(settings.calibration) if settings.calibration else None,
             "known_good_parts": len(known_good) if known_good else 0,
+            # how sure the calibration's threshold is (musc_edge/calibration.py)
+            "frr_upper_bound": (
+                known_good.calibration.summary()["frr_upper_bound"] if known_good else None
+            ),
             "map_norm": settings.map_norm.value,
             "overlap": bool(options.get("overlap")),
         }

@@ -211,10 +211,13 @@ class Verdicts:
         """Where the threshold comes from, for the start-up message (uncalibrated loudly)."""
         if isinstance(self.judge, CalibratedJudge) and self.known_good is not None:
             calibration = self.known_good.calibration
+            summary = calibration.summary()
             return (
                 f"calibrated: {len(self.known_good)} known-good parts, threshold "
                 f"{calibration.threshold:.4f} ({100 * calibration.target_frr:g} % false "
-                "rejects expected)"
+                f"rejects expected; shown by the parts: below "
+                f"{100 * summary['frr_upper_bound']:.1f} % at {100 * summary['confidence']:g} %"
+                f" confidence, {summary['parts_for_target']} parts would show the target)"
             )
         if isinstance(self.judge, FixedJudge):
             return f"threshold {self.judge.value} (fixed by --threshold; not calibrated)"

@@ -17,8 +17,10 @@ from musc_edge.bench.streams import Part, labelled_split, repeated_fault, write_
 from musc_edge.calibration import (
     CalibrationError,
     calibrate,
+    frr_upper_bound,
     gumbel_threshold,
     load_calibration,
+    parts_for_target,
     save_calibration,
 )
 from musc_edge.msm.nearest import nearest_distances
@@ -392,6 +394,11 @@ def test_calibrate_then_run_on_real_bottle_images(
     text = " ".join(made.output.split())
     assert made.exit_code == 0, made.output
     assert "6 known-good parts" in text and "threshold" in text and cal.is_file()
+    # how sure the threshold is: 6 parts rule out little; 299 would show 1 %
+    assert "with 6 parts the false-reject rate is below" in text and "299 good parts" in text
+    stored = load_calibration(cal).info["threshold_confidence"]
+    assert stored["parts_for_target"] == 299
+    assert stored["frr_upper_bound"] >= 1 - 0.05 ** (1 / 6) - 1e-9  # none above: the least
     camera = tmp_path / "camera"
     camera.mkdir()
     picks = sorted((bottle_dir / "test" / "good").glob("*.png"))[:3]
@@ -402,7 +409,8 @@ def test_calibrate_then_run_on_real_bottle_images(
     run = ("run", "--camera-dir", str(camera), "--model", str(vits14_package), "--once")
     ran = cli.invoke(app, [*run, "--settle", "0", "--out", str(out), "--calibration", str(cal)])
     assert ran.exit_code == 0, ran.output
-    assert "calibrated: 6 known-good parts" in " ".join(ran.output.split())
+    started = " ".join(ran.output.split())
+    assert "calibrated: 6 known-good parts" in started and "at 95 % confidence" in started
     records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert len(records) == 6 and all(r["calibrated"] for r in records)
     labels = {r["file"]: r["label"] for r in records}
@@ -454,3 +462,14 @@ def small_mvtec(bottle_dir: Path, root: Path, count: int) -> Path:
                 mask = bottle_dir / "ground_truth" / defect / f"{path.stem}_mask.png"
                 shutil.copy(mask, masks / mask.name)
     return root
+
+
+def test_the_threshold_says_how_sure_it_is() -> None:
+    """Clopper-Pearson: none of n held-out parts above the threshold bounds the rate by
+    1 - 0.05 ** (1 / n); more parts above it, a higher bound; 299 clean parts show 1 %."""
+    assert frr_upper_bound(0, 20) == pytest.approx(1 - 0.05 ** (1 / 20), rel=1e-6)
+    bounds = [frr_upper_bound(k, 60) for k in range(5)]
+    assert bounds == sorted(bounds) and bounds[4] == pytest.approx(0.1461, abs=1e-3)
+    assert frr_upper_bound(0, 299) <= 0.01 < frr_upper_bound(0, 298)
+    assert parts_for_target(0.01) == 299 and parts_for_target(0.05) == 59
+    assert frr_upper_bound(3, 3) == 1.0

@@ -81,10 +81,13 @@ def calibrate(
             )
         result.info = {"good": str(good.resolve()), "created": utc_now()}
         result.info["engine"] = runner.description
+        summary = result.summary()
+        result.info["threshold_confidence"] = {
+            key: summary[key] for key in ("confidence", "frr_upper_bound", "parts_for_target")
+        }
         save_calibration(result, out)
     for failure in features.failures:
         console.print(f"[yellow]skipped[/] {failure.path}: {failure.error}")
-    summary = result.summary()
     console.print(
         f"{summary['parts']} known-good parts"
         + (" (aligned: scores in multiples of the threshold)" if aligned else "")
@@ -93,5 +96,16 @@ def calibrate(
         f"threshold {summary['threshold']:.4f} for a false-reject rate of "
         f"{100 * target_frr:g} %; {100 * summary['leave_one_out_frr']:.1f} % of these parts "
         "score above it when each is held out\n"
+        f"{how_sure(summary)}\n"
         f"written to {out}"
+    )
+
+
+def how_sure(summary: dict) -> str:
+    """The threshold's confidence in words: what the parts show, and what would show more."""
+    return (
+        f"how sure: with {summary['parts']} parts the false-reject rate is below "
+        f"{100 * summary['frr_upper_bound']:.1f} % at {100 * summary['confidence']:g} % "
+        f"confidence; {summary['parts_for_target']} good parts with none held out above the "
+        f"threshold would show {100 * summary['target_frr']:g} %"
     )

@@ -40,6 +40,7 @@ RUN_FACTS = (
     "msm_precision",
     "threshold_basis",
     "known_good_parts",
+    "frr_upper_bound",
     "camera_dir",
     "model",
 )

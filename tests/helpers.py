@@ -66,23 +66,16 @@ def make_package(folder: Path) -> ModelPackage:
     folder.mkdir()
     (folder / ONNX_FILE).write_bytes(b"stand-in graph")
     np.savez(folder / PARITY_REFERENCE_FILE, images=np.zeros((1, 3, 224, 224), np.float32))
-    package = ModelPackage(
-        backbone="dinov2-vits14",
-        weights_source="fetched:dinov2-vits14",
+    package = write_package(
+        folder,
         weights_sha256="ab" * 32,
         image_size=224,
-        patch_size=14,
-        layers=[3, 6, 9, 12],
-        token_dim=384,
-        embedding_dim=384,
         preprocess=Preprocess(224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)).to_dict(),
         precision="fp16",
         max_batch=8,
-        musc={"r_list": [1, 3, 5], "frac": 0.3, "k_list": [1, 2, 3], "precision": "fp32"},
         versions={"torch": "2.15.0", "tensorrt": None},
         onnx_opset=18,
         created="2026-01-01T00:00:00+00:00",
-        folder=folder,
     )
     package.record_artifact(ONNX_FILE)
     package.record_artifact(PARITY_REFERENCE_FILE)

@@ -62,7 +62,7 @@ class Committer:
 
     def failures(self, arrivals: Sequence[Arrival]) -> list[ResultRecord]:
         """Commit files that could not be scored, each with a copy in rejected/ if allowed."""
-        batch = self.scheduler.failure_batch(self.journal)
+        batch = self.scheduler.batch_number(self.journal)
         records = [
             self.record(
                 arrival,

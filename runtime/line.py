@@ -72,11 +72,9 @@ class LineParts:
     journal: Journal
     health: LineHealth
     camera: CameraDir
-    known_good: KnownGood | None
     verdicts: Verdicts
     scheduler: Scheduler
     committer: Committer
-    run_info: dict
 
     @classmethod
     def build(
@@ -144,7 +142,7 @@ class LineParts:
         sinks = open_sinks(setup, settings.sinks)
         mode = settings.mode.value
         committer = Committer(out_dir, journal, sinks, scheduler, mode, package.sha256, profile)
-        return cls(journal, health, camera, known_good, verdicts, scheduler, committer, run_info)
+        return cls(journal, health, camera, verdicts, scheduler, committer)
 
 
 def refuse_other_model(journal: Journal, package: ModelPackage) -> None:

@@ -7,7 +7,8 @@ the scheduler says how many files to take next (`room`), which answers are ready
 here.
 
 - `BatchScheduler`: every `batch_size` items are scored together; a partial batch when the run
-  ends or its oldest item has waited `max_wait`, with the previous batch as references. With
+  ends or its oldest item has waited `max_wait` (below 5 parts with the previous batch as
+  references, `scoring.score_batch`). With
   `overlap`, a batch is scored in a worker thread while the loop extracts the next items.
 - `RollingScheduler`: each item is answered on arrival against the window of the last
   answered ones (`scoring.RollingScorer`).
@@ -84,12 +85,8 @@ class Scheduler:
         return self.held > 0
 
     def batch_number(self, journal: Journal) -> int:
-        """The batch the next commit belongs to."""
+        """The batch the next commit belongs to (failures: the one being collected)."""
         raise NotImplementedError
-
-    def failure_batch(self, journal: Journal) -> int:
-        """The batch failures found now are recorded in: the one being collected."""
-        return self.batch_number(journal)
 
     def wait(self, stop: threading.Event, poll: float) -> None:
         """Until the next poll."""

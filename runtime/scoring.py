@@ -99,6 +99,33 @@ def answers_of(
     ]
 
 
+def score_against(
+    items: list[Item],
+    sets: list[torch.Tensor],
+    embeddings: torch.Tensor,
+    musc: MuSc,
+    map_norm: str,
+    known_good: KnownGood | None,
+    window: Window | None,
+    profile: Profile,
+) -> list[Answer]:
+    """MuSc on pooled items, with the window's images (if any) and the known-good parts (if
+    any) as references; the heatmaps are scaled together with the window's maps."""
+    references, maps = window.references() if window is not None else (None, None)
+    bank = known_good.references() if known_good else None
+    hooks = Hooks(stage=profile.stage)
+    result, warning = scored_quietly(
+        lambda: musc.score_pooled(sets, embeddings, references, bank, hooks)
+    )
+    with profile.stage("maps"):
+        verdict_maps = result.verdict_maps
+        if maps is not None:
+            verdict_maps = torch.cat([maps, verdict_maps])
+        heat = normalise_maps(verdict_maps.cpu().numpy(), map_norm)[-len(items) :]
+    compared = len(items) - 1 + (0 if maps is None else len(maps))
+    return answers_of(items, sets, result, heat, warning, compared)
+
+
 def score_batch(
     items: list[Item],
     musc: MuSc,
@@ -118,20 +145,9 @@ def score_batch(
     tokens, embeddings = stack_items(items)
     with profile.stage("lnamd"):
         sets = musc.pool(tokens)
-    bank = known_good.references() if known_good else None
     use_recent = recent is not None and len(recent) > 0 and len(items) < RELIABLE_BATCH
-    references, maps = recent.references() if use_recent else (None, None)
-    hooks = Hooks(stage=profile.stage)
-    result, warning = scored_quietly(
-        lambda: musc.score_pooled(sets, embeddings, references, known_good=bank, hooks=hooks)
-    )
-    with profile.stage("maps"):
-        verdict_maps = result.verdict_maps
-        if maps is not None:
-            verdict_maps = torch.cat([maps, verdict_maps])
-        heat = normalise_maps(verdict_maps.cpu().numpy(), map_norm)[-len(items) :]
-    compared = len(items) - 1 + (len(maps) if maps is not None else 0)
-    answers = answers_of(items, sets, result, heat, warning, compared)
+    window = recent if use_recent else None
+    answers = score_against(items, sets, embeddings, musc, map_norm, known_good, window, profile)
     with profile.stage("guard"):
         flags = guard_flags(musc, sets)
     for answer, flagged in zip(answers, flags, strict=True):
@@ -209,7 +225,16 @@ class RollingScorer:
         tokens, embeddings = stack_items([item])
         with profile.stage("lnamd"):
             sets = self.musc.pool(tokens)
-        answer = self._answer(item, sets, embeddings, profile)
+        (answer,) = score_against(
+            [item],
+            sets,
+            embeddings,
+            self.musc,
+            self.map_norm,
+            self.known_good,
+            self.window,
+            profile,
+        )
         self.window.push(answer)
         return [answer]
 
@@ -222,17 +247,3 @@ class RollingScorer:
         for answer in answers:
             self.window.push(answer)
         return answers
-
-    def _answer(
-        self, item: Item, sets: list[torch.Tensor], embeddings: torch.Tensor, profile: Profile
-    ) -> Answer:
-        references, maps = self.window.references()
-        bank = self.known_good.references() if self.known_good else None
-        hooks = Hooks(stage=profile.stage)
-        result, warning = scored_quietly(
-            lambda: self.musc.score_pooled(sets, embeddings, references, bank, hooks)
-        )
-        with profile.stage("maps"):
-            both = torch.cat([maps, result.verdict_maps])
-            heat = normalise_maps(both.cpu().numpy(), self.map_norm)
-        return answers_of([item], sets, result, heat[-1:], warning, len(maps))[0]

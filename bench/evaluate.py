@@ -70,7 +70,7 @@ def evaluate_category(
     scored = [by_path[p] for p in features.paths]
     labels = np.array([s.label for s in scored])
     scores = result.verdict_scores.numpy()
-    maps = result.pixel_maps(preprocess.image_size).numpy()
+    maps = result.pixel_maps(preprocess.image_size.hw).numpy()
     pixel = pixel_mutual = None
     if all(s.mask_path is not None for s in scored if s.label == 1):
         masks = np.stack(
@@ -83,7 +83,7 @@ def evaluate_category(
         )
         pixel = pixel_metrics(masks, maps)
         if result.bank_maps is not None:  # the mutual maps, for comparison (docs/verdicts.md)
-            mutual = result.pixel_maps(preprocess.image_size, mutual=True).numpy()
+            mutual = result.pixel_maps(preprocess.image_size.hw, mutual=True).numpy()
             pixel_mutual = pixel_metrics(masks, mutual)
     if maps_dir is not None:
         save_maps(maps_dir / category, scored, maps)

@@ -18,7 +18,7 @@ def line_pipeline(
     package: ModelPackage, engine: str, backbone_precision: Precision | None, msm_precision: str
 ) -> Pipeline:
     runner = open_runner(package, engine, allow_random_init=True, precision=backbone_precision)
-    musc = MuSc.from_settings(package.musc, msm_precision)
+    musc = MuSc.for_package(package, msm_precision)
     return Pipeline(
         f"musc-edge {runner.description}", package.preprocessing(), runner, musc, package.max_batch
     )
@@ -27,7 +27,7 @@ def line_pipeline(
 def original_pipeline(package: ModelPackage) -> Pipeline:
     """Random-weight packages rebuild the same weights from the export seed (see export)."""
     runner = open_runner(package, "torch", allow_random_init=True)
-    musc = MuSc.from_settings(package.musc, "fp32", backend="original", pooling="plain")
+    musc = MuSc.for_package(package, "fp32", backend="original", pooling="plain")
     return Pipeline(
         "original (torch fp32 + cdist MSM)",
         package.preprocessing(),

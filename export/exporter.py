@@ -33,6 +33,7 @@ from musc_edge.package import (
     tensor_names,
 )
 from musc_edge.runtime.engine_builder import build_package_engine, engine_support
+from musc_edge.size import ImageSize
 
 # Distributions whose versions decide what the package holds; None where not installed.
 RECORDED_VERSIONS = (
@@ -54,7 +55,7 @@ class ExportResult:
     engine_skipped: str | None  # why no engine was built here, None when one was
 
 
-def default_folder(backbone: str, image_size: int) -> Path:
+def default_folder(backbone: str, image_size: ImageSize) -> Path:
     """packages/BACKBONE-SIZE in the working folder: outside the source tree."""
     return Path("packages") / f"{backbone}-{image_size}"
 
@@ -90,7 +91,7 @@ def export_package(
             backbone=backbone.spec.name,
             weights_source=backbone.weights.source,
             weights_sha256=backbone.weights.sha256,
-            image_size=backbone.image_size,
+            image_size=backbone.image_size.to_json(),
             patch_size=backbone.spec.patch_size,
             layers=list(backbone.layers),
             token_dim=int(reference[names[0]].shape[-1]),

@@ -48,8 +48,9 @@ def export_onnx(backbone: Backbone, path: Path, output_names: list[str]) -> list
     Weights stay inside the graph file unless they pass protobuf's 2 GB limit; then the
     exporter moves them to an external data file beside it.
     """
-    size = backbone.image_size
-    example = torch.zeros(2, 3, size, size)  # batch 2: an example batch of 1 gets specialised
+    example = torch.zeros(
+        2, 3, *backbone.image_size.hw
+    )  # batch 2: an example batch of 1 gets specialised
     batch = torch.export.Dim("batch", min=1)
     chatter = io.StringIO()  # the exporter prints its steps; the CLI shows its own progress
     with torch.no_grad(), contextlib.redirect_stdout(chatter):

@@ -12,6 +12,7 @@ from torch import nn
 from musc_edge.errors import UsageError
 from musc_edge.images import Preprocess
 from musc_edge.models.registry import BackboneSpec
+from musc_edge.size import ImageSize
 
 
 @dataclass(frozen=True)
@@ -27,7 +28,7 @@ class BuildRequest:
     """What a family builder gets: which tower, at what size, which blocks, which weights."""
 
     spec: BackboneSpec
-    image_size: int
+    image_size: ImageSize
     layers: tuple[int, ...]
     info: WeightsInfo
     pretrained: str | None = None  # a hub tag
@@ -38,17 +39,14 @@ class Backbone(nn.Module):
     """ViT image tower returning (tokens, embedding).
 
     tokens: one (N, L, C) tensor per chosen block (1-based indices), class and register
-    tokens dropped, L = (image_size / patch_size) ** 2; embedding: (N, D), L2-normalised.
+    tokens dropped, L = rows * columns of the patch grid, row by row; embedding: (N, D),
+    L2-normalised.
     """
 
     def __init__(self, request: BuildRequest) -> None:
         super().__init__()
         spec, image_size, layers = request.spec, request.image_size, request.layers
-        if image_size % spec.patch_size:
-            raise UsageError(
-                f"image size {image_size} is not a multiple of {spec.name}'s patch size "
-                f"{spec.patch_size}; try {image_size // spec.patch_size * spec.patch_size}"
-            )
+        image_size.check_multiple(spec.patch_size, spec.name)
         if not layers or any(not 1 <= layer <= spec.depth for layer in layers):
             raise UsageError(
                 f"layers {layers} out of range: {spec.name} has blocks 1..{spec.depth}"
@@ -59,8 +57,9 @@ class Backbone(nn.Module):
         self.weights = request.info
 
     @property
-    def grid(self) -> int:
-        return self.image_size // self.spec.patch_size
+    def grid(self) -> tuple[int, int]:
+        """(rows, columns) of the patch grid."""
+        return self.image_size.grid(self.spec.patch_size)
 
     @property
     def preprocess(self) -> Preprocess:
@@ -70,18 +69,21 @@ class Backbone(nn.Module):
         raise NotImplementedError
 
 
-def resample_position_grid(pos: torch.Tensor, num_prefix: int, new_side: int) -> torch.Tensor:
-    """Resize (..., prefix + side**2, C) position embeddings to a new square grid (bicubic).
+def resample_position_grid(
+    pos: torch.Tensor, num_prefix: int, new_grid: tuple[int, int]
+) -> torch.Tensor:
+    """Resize (..., prefix + side**2, C) position embeddings to a (rows, columns) grid
+    (bicubic).
 
     Done once when a model is built, so that the exported graph holds plain constants.
     """
     prefix, grid = pos[..., :num_prefix, :], pos[..., num_prefix:, :]
     side = int(grid.shape[-2] ** 0.5)
-    if side == new_side:
+    if (side, side) == tuple(new_grid):
         return pos
     lead = grid.shape[:-2]
     dim = grid.shape[-1]
     image = grid.reshape(-1, side, side, dim).permute(0, 3, 1, 2).float()
-    image = F.interpolate(image, size=(new_side, new_side), mode="bicubic", align_corners=False)
-    grid = image.permute(0, 2, 3, 1).reshape(*lead, new_side * new_side, dim).to(pos.dtype)
+    image = F.interpolate(image, size=tuple(new_grid), mode="bicubic", align_corners=False)
+    grid = image.permute(0, 2, 3, 1).reshape(*lead, new_grid[0] * new_grid[1], dim).to(pos.dtype)
     return torch.cat([prefix, grid], dim=-2)

@@ -11,6 +11,7 @@ from torch import nn
 from musc_edge.models.backbone import Backbone, BuildRequest, resample_position_grid
 from musc_edge.models.registry import BackboneSpec, register_family
 from musc_edge.models.weights import load_state_file, load_strict, missing_weights
+from musc_edge.size import ImageSize
 
 
 class Dinov2Tower(Backbone):
@@ -35,7 +36,7 @@ def build_dinov2(request: BuildRequest) -> Dinov2Tower:
 
 
 def dinov2_vit(
-    spec: BackboneSpec, image_size: int, pretrained: str | None, weights: Path | None
+    spec: BackboneSpec, image_size: ImageSize, pretrained: str | None, weights: Path | None
 ) -> nn.Module:
     """The timm DINOv2 ViT at `image_size`, its position grid resampled once here."""
     import timm
@@ -43,16 +44,16 @@ def dinov2_vit(
     if pretrained is not None:
         try:
             return timm.create_model(
-                f"{spec.arch}.{pretrained}", pretrained=True, img_size=image_size
+                f"{spec.arch}.{pretrained}", pretrained=True, img_size=image_size.hw
             )
         except Exception as error:
             reason = f"--pretrained {pretrained} failed: {type(error).__name__}"
             raise missing_weights(spec, reason) from error
-    vit = timm.create_model(spec.arch, pretrained=False, img_size=image_size)
+    vit = timm.create_model(spec.arch, pretrained=False, img_size=image_size.hw)
     if weights is not None:
         state = dict(load_state_file(weights))
         if "pos_embed" in state:
-            grid = image_size // spec.patch_size
+            grid = image_size.grid(spec.patch_size)
             state["pos_embed"] = resample_position_grid(state["pos_embed"], 1, grid)
         load_strict(vit, state, spec, weights)
     return vit

@@ -14,13 +14,14 @@ from musc_edge.models import clip, dinov2  # noqa: F401  (each registers its fam
 from musc_edge.models.backbone import Backbone, BuildRequest, WeightsInfo
 from musc_edge.models.registry import FAMILIES, get_spec
 from musc_edge.models.weights import fetched_weights_path, missing_weights
+from musc_edge.size import ImageSize
 
 RANDOM_INIT_SEED = 0
 
 
 def create_backbone(
     name: str,
-    image_size: int | None = None,
+    image_size: ImageSize | int | str | None = None,
     layers: Sequence[int] | None = None,
     *,
     pretrained: str | None = None,
@@ -46,7 +47,7 @@ def create_backbone(
     if random_init:
         source = "random-init"
     info = WeightsInfo(source, file_sha256(weights) if weights else None)
-    size = image_size or spec.native_size
+    size = ImageSize.parse(image_size or spec.native_size)
     chosen = tuple(layers) if layers else spec.default_layers
     build = FAMILIES[spec.family]
     with seeded(RANDOM_INIT_SEED) if random_init else contextlib.nullcontext():

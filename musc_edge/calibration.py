@@ -22,19 +22,24 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
 
+from musc_edge.coreset import k_centre
 from musc_edge.errors import MuscEdgeError
 from musc_edge.files import write_atomic
 from musc_edge.msm.nearest import nearest_distances
 from musc_edge.musc import AlignedSpread, MuSc, References
 from musc_edge.package import ModelPackage
+from musc_edge.region import Region
 
 FORMAT = "musc-edge-calibration"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: an optional coreset bank (bank_i) and at most MAX_VOTERS voters
+READABLE_VERSIONS = (1, 2)
 STORED_DTYPE = torch.float16  # unit vectors; the scores are computed from the stored values
 EULER_GAMMA = 0.5772156649
 MIN_PARTS = 5
 CONFIDENCE = 0.95  # of the stated bound on the false-reject rate
 SPREAD_FLOOR = 1e-3  # distance units: a position that never varies still has some spread
+BANK_PATCHES = 32768  # per pooled set: above this many good patches, a k-centre coreset
+MAX_VOTERS = 32  # good parts that join MSM as references (the bank keeps all parts' patches)
 
 
 class CalibrationError(MuscEdgeError, ValueError):
@@ -96,14 +101,15 @@ class Calibration:
 
     binding: dict
     files: list[str]
-    sets: list[torch.Tensor]  # (R, L, C) per (layer, r), float16
-    embeddings: torch.Tensor  # (R, D)
-    mutual_scores: torch.Tensor  # (R,) raw MSM scores among the bank (RsCIN needs them)
-    scores: torch.Tensor  # (R,) leave-one-out distance of each part to the others
+    sets: list[torch.Tensor]  # (V, L, C) per (layer, r), float16: the voters' (V <= MAX_VOTERS)
+    embeddings: torch.Tensor  # (V, D)
+    mutual_scores: torch.Tensor  # (V,) raw MSM scores among the voters (RsCIN needs them)
+    scores: torch.Tensor  # (R,) leave-one-out distance of each of the R parts to the others
     target_frr: float
     threshold: float
     info: dict = field(default_factory=dict)  # when and from where, for people
     aligned_spread: AlignedSpread | None = None  # --aligned: scores in multiples of the threshold
+    bank: list[torch.Tensor] | None = None  # (M, C) per set: a coreset; None: the voters' patches
 
     def __len__(self) -> int:
         return len(self.files)
@@ -115,13 +121,16 @@ class Calibration:
     def references(self, dtype: torch.dtype = torch.float32) -> References:
         """The bank as MuSc references (voters that receive no score), in MSM's precision."""
         sets = [z.to(dtype) for z in self.sets]
-        return References(sets, self.embeddings, self.mutual_scores, self.aligned_spread)
+        bank = None if self.bank is None else [b.to(dtype) for b in self.bank]
+        return References(sets, self.embeddings, self.mutual_scores, self.aligned_spread, bank)
 
     def summary(self) -> dict:
         """What the terminal and the docs report: parts, score spread, threshold, rates."""
         scores = self.scores.double()
         return {
             "parts": len(self),
+            "voters": self.sets[0].shape[0],
+            "bank_patches": self.references().patches(0).shape[0],
             "aligned": self.aligned,
             "score_median": float(scores.median()),
             "score_min": float(scores.min()),
@@ -135,6 +144,20 @@ class Calibration:
     def check_binding(self, package: ModelPackage, source: Path | str) -> None:
         """Refuse a calibration made with another package, saying which setting differs."""
         self.check_settings(package.binding(), source, f"the model package {package.folder}")
+
+    def check_region(self, region: Region | None, source: Path | str) -> None:
+        """Refuse a calibration cut from another box of the image than the line's."""
+        made = self.info.get("region")
+        wanted = None if region is None else region.to_json()
+        if made != wanted:
+
+            def box(value: list[int] | None) -> str:
+                return "whole images" if value is None else f"region {Region.parse(value)}"
+
+            raise CalibrationError(
+                f"calibration {source} was made on {box(made)}, the line scores {box(wanted)}; "
+                "calibrate again with the line's --region"
+            )
 
     def check_settings(self, expected: dict, source: Path | str, against: str) -> None:
         """Refuse a calibration whose binding differs from `expected` in any of its keys."""
@@ -155,11 +178,15 @@ def calibrate(
     files: list[str],
     target_frr: float = 0.01,
     aligned: bool = False,
+    bank_patches: int = BANK_PATCHES,
 ) -> Calibration:
     """A calibration from the known-good parts' backbone outputs.
 
     `aligned` (parts held in a fixture): each position is judged against its own spread on
     the good parts, which also catches a defect that repeats at one place (docs/verdicts.md).
+    Above `bank_patches` good patches per set the bank is their k-centre coreset, and each
+    part's held-out score is measured against the coreset less its own patches; at most
+    MAX_VOTERS parts, evenly spread over the given ones, join MSM as references.
     """
     if not 0 < target_frr < 1:
         raise CalibrationError(f"--target-frr must be between 0 and 1, got {target_frr}")
@@ -167,11 +194,27 @@ def calibrate(
         raise CalibrationError(
             f"a calibration needs at least {MIN_PARTS} known-good parts, got {len(files)}"
         )
+    if bank_patches < 1:
+        raise CalibrationError(f"--bank-size must be at least 1 patch, got {bank_patches}")
     sets = [z.to(STORED_DTYPE) for z in musc.pool(tokens)]
-    mutual = musc.score(tokens, embeddings).raw_scores
+    voters = voter_indices(len(files))
+    mutual = musc.score([t[voters] for t in tokens], embeddings[voters]).raw_scores
+    count, patches = sets[0].shape[:2]
+    flat = [z.reshape(count * patches, -1) for z in sets]
+    chosen = torch.arange(count * patches)  # every part's patches, not only the voters'
+    if count * patches > bank_patches:
+        chosen = k_centre(sets, bank_patches)
+    bank, origin = [z[chosen] for z in flat], chosen // patches
     held_out = [
-        nearest_distances(z, z, musc.precision.dtype, musc.budget_bytes, leave_out=True).float()
-        for z in sets
+        nearest_distances(
+            z,
+            bank[index],
+            musc.precision.dtype,
+            musc.budget_bytes,
+            leave_out=True,
+            origin=origin,
+        ).float()
+        for index, z in enumerate(sets)
     ]
     distances = (sum(held_out) / len(held_out)).amax(dim=1)
     spread_model, scores, threshold = None, distances, gumbel_threshold(distances, target_frr)
@@ -189,14 +232,22 @@ def calibrate(
     return Calibration(
         package.binding(),
         files,
-        sets,
-        embeddings.float(),
+        [z[voters] for z in sets],
+        embeddings[voters].float(),
         mutual.float(),
         scores.float(),
         target_frr,
         threshold,
         aligned_spread=spread_model,
+        bank=None if len(chosen) == count * patches and len(voters) == count else bank,
     )
+
+
+def voter_indices(count: int) -> torch.Tensor:
+    """At most MAX_VOTERS of `count` parts, evenly spread (parts taught in lots stay mixed)."""
+    if count <= MAX_VOTERS:
+        return torch.arange(count)
+    return torch.linspace(0, count - 1, MAX_VOTERS).round().long()
 
 
 Spread = tuple[list[torch.Tensor], list[torch.Tensor]]  # centre and spread, (L,) per set
@@ -230,6 +281,8 @@ def save_calibration(calibration: Calibration, path: Path) -> None:
         "mutual_scores": calibration.mutual_scores.contiguous(),
         "scores": calibration.scores.contiguous(),
     }
+    for i, patches in enumerate(calibration.bank or []):
+        tensors[f"bank_{i}"] = patches.contiguous()
     if calibration.aligned_spread is not None:
         for i, (centre, spread) in enumerate(
             zip(calibration.aligned_spread.centre, calibration.aligned_spread.spread, strict=True)
@@ -241,7 +294,7 @@ def save_calibration(calibration: Calibration, path: Path) -> None:
         **{
             key: value
             for key, value in asdict(calibration).items()
-            if not isinstance(value, torch.Tensor) and key not in ("sets", "aligned_spread")
+            if not isinstance(value, torch.Tensor) and key not in ("sets", "aligned_spread", "bank")
         },
     }
     if calibration.aligned_spread is not None:
@@ -278,10 +331,10 @@ def load_calibration(path: Path, package: ModelPackage | None = None) -> Calibra
         raise CalibrationError(f"{path} is not a readable calibration file: {error}") from None
     if header.get("format") != FORMAT:
         raise CalibrationError(f"{path} is not a musc-edge calibration")
-    if header.get("format_version") != FORMAT_VERSION:
+    if header.get("format_version") not in READABLE_VERSIONS:
         raise CalibrationError(
             f"{path} has calibration format {header.get('format_version')}; this musc-edge "
-            f"reads {FORMAT_VERSION}. Run `musc-edge calibrate` again"
+            f"reads {', '.join(map(str, READABLE_VERSIONS))}. Run `musc-edge calibrate` again"
         )
     count = sum(1 for name in tensors if name.startswith("set_"))
     try:
@@ -296,6 +349,7 @@ def load_calibration(path: Path, package: ModelPackage | None = None) -> Calibra
             header["threshold"],
             header.get("info", {}),
             stored_aligned_spread(tensors, header, count),
+            [tensors[f"bank_{i}"] for i in range(count)] if "bank_0" in tensors else None,
         )
     except KeyError as missing:
         raise CalibrationError(

@@ -9,6 +9,7 @@ from pathlib import Path
 import yaml
 
 from musc_edge.errors import UsageError
+from musc_edge.size import ImageSize
 
 DEFAULT_PRESET = "dinov2-vits14-224"
 
@@ -18,19 +19,22 @@ class MuScConfig:
     """Everything that decides a score; written next to every result."""
 
     backbone: str = "dinov2-vits14"
-    image_size: int = 224
+    image_size: ImageSize | int | str = 224  # one number: square; "224x560": WIDTHxHEIGHT
     layers: tuple[int, ...] | None = None  # 1-based blocks; None = the backbone's default
     r_list: tuple[int, ...] = (1, 3, 5)
     frac: float = 0.3
     k_list: tuple[int, ...] = (1, 2, 3)
     precision: str = "fp32"
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "image_size", ImageSize.parse(self.image_size))
+
     def override(self, **changes: object) -> MuScConfig:
         """A copy with the given fields replaced; None values leave a field as it is."""
         return replace(self, **{k: v for k, v in changes.items() if v is not None})
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "image_size": self.image_size.to_json()}
 
     def musc_settings(self) -> dict:
         """The MuSc settings a model package records (musc.json's `musc`)."""

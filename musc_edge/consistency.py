@@ -16,8 +16,6 @@ change the scores.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from musc_edge.msm.finish import distances
@@ -43,13 +41,13 @@ def consistency_scores(z: torch.Tensor, frac: float) -> tuple[torch.Tensor, torc
     return values, places
 
 
-def repeated_group(values: torch.Tensor, places: torch.Tensor, side: int) -> torch.Tensor:
+def repeated_group(values: torch.Tensor, places: torch.Tensor, columns: int) -> torch.Tensor:
     """(N,) bool: outliers of the batch that peak within one patch of two or more others."""
     limit = outlier_threshold(values.tolist())
     if limit is None:
         return torch.zeros_like(values, dtype=torch.bool)
     outliers = values > limit
-    rows, cols = places // side, places % side
+    rows, cols = places // columns, places % columns
     near = ((rows[:, None] - rows[None]).abs() <= 1) & ((cols[:, None] - cols[None]).abs() <= 1)
     near &= outliers[:, None] & outliers[None]
     return outliers & (near.sum(dim=1) >= MIN_GROUP)
@@ -62,10 +60,13 @@ def guard_set(sets: list[torch.Tensor], num_r: int) -> torch.Tensor:
     return sets[layer * num_r + num_r // 2]
 
 
-def repeated_in_batch(sets: list[torch.Tensor], num_r: int, frac: float) -> torch.Tensor:
-    """(N,) bool flags of the zero-shot repeated-defect guard for one batch."""
+def repeated_in_batch(
+    sets: list[torch.Tensor], num_r: int, frac: float, columns: int
+) -> torch.Tensor:
+    """(N,) bool flags of the zero-shot repeated-defect guard for one batch; `columns`: of
+    the patch grid, rows run after each other."""
     z = guard_set(sets, num_r)
     if z.shape[0] < 2 * MIN_GROUP:
         return torch.zeros(z.shape[0], dtype=torch.bool)
     values, places = consistency_scores(z, frac)
-    return repeated_group(values, places, math.isqrt(z.shape[1]))
+    return repeated_group(values, places, columns)

@@ -50,9 +50,7 @@ def load_images(
         except ImageReadError as error:
             failures.append(Failure(Path(path), str(error)))
     stacked = (
-        np.stack(arrays)
-        if arrays
-        else np.empty((0, 3, preprocess.image_size, preprocess.image_size), np.float32)
+        np.stack(arrays) if arrays else np.empty((0, 3, *preprocess.image_size.hw), np.float32)
     )
     return stacked, good, failures
 

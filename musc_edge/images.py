@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from musc_edge.errors import MuscEdgeError
+from musc_edge.size import ImageSize
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -175,28 +176,28 @@ def _to_bgr8(image: np.ndarray) -> np.ndarray:
     return image
 
 
-def read_mask(path: Path, size: int) -> np.ndarray:
-    """(size, size) bool ground-truth mask, resized like the images are, at half level."""
+def read_mask(path: Path, size: ImageSize) -> np.ndarray:
+    """(height, width) bool ground-truth mask, resized like the images are, at half level."""
     mask = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
     if mask is None:
         raise ImageReadError(f"{path}: not a decodable mask image")
     return resize(mask, size) >= 128
 
 
-def resize_antialiased(image: np.ndarray, size: int, mode: str) -> np.ndarray:
-    """Square uint8 resize as PIL does it (what torchvision's Resize on a PIL image, and so
+def resize_antialiased(image: np.ndarray, size: ImageSize, mode: str) -> np.ndarray:
+    """uint8 resize as PIL does it (what torchvision's Resize on a PIL image, and so
     the original MuSc, uses): torch's antialiased uint8 kernels, within 1-2 levels of PIL."""
     pixels = torch.from_numpy(np.ascontiguousarray(image))
     planar = pixels.permute(2, 0, 1)[None] if image.ndim == 3 else pixels[None, None]
-    out = F.interpolate(planar, size=(size, size), mode=mode, antialias=True, align_corners=False)
+    out = F.interpolate(planar, size=size.hw, mode=mode, antialias=True, align_corners=False)
     return (out[0].permute(1, 2, 0) if image.ndim == 3 else out[0, 0]).numpy()
 
 
-def resize_cv2_area_cubic(image: np.ndarray, size: int) -> np.ndarray:
+def resize_cv2_area_cubic(image: np.ndarray, size: ImageSize) -> np.ndarray:
     """INTER_AREA when shrinking, INTER_CUBIC when enlarging: packages exported before 0.2."""
-    shrinking = min(image.shape[:2]) > size
+    shrinking = image.shape[0] > size.height and image.shape[1] > size.width
     interpolation = cv2.INTER_AREA if shrinking else cv2.INTER_CUBIC
-    return cv2.resize(image, (size, size), interpolation=interpolation)
+    return cv2.resize(image, (size.width, size.height), interpolation=interpolation)
 
 
 # Resize methods by the name a model package records; the backbone spec picks one at export.
@@ -208,41 +209,44 @@ RESIZERS = {
 DEFAULT_RESIZE = "pil-bilinear"
 
 
-def resize(image: np.ndarray, size: int, method: str = DEFAULT_RESIZE) -> np.ndarray:
-    """Square resize of a uint8 image by a named method (see RESIZERS)."""
+def resize(image: np.ndarray, size: ImageSize | int, method: str = DEFAULT_RESIZE) -> np.ndarray:
+    """Resize a uint8 image to `size` (one number: square) by a named method (see RESIZERS)."""
     try:
         resizer = RESIZERS[method]
     except KeyError:
         raise ImageReadError(
             f"unknown resize method {method!r}; this musc-edge knows {', '.join(RESIZERS)}"
         ) from None
-    return resizer(image, size)
+    return resizer(image, ImageSize.parse(size))
 
 
 @dataclass(frozen=True)
 class Preprocess:
     """Exactly what turns a decoded image into backbone input; stored in every model package."""
 
-    image_size: int
+    image_size: ImageSize
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     resize: str = DEFAULT_RESIZE
     colour_order: str = "RGB"
 
+    def __post_init__(self) -> None:  # one number means square, as old packages store it
+        object.__setattr__(self, "image_size", ImageSize.parse(self.image_size))
+
     def __call__(self, image_bgr: np.ndarray) -> np.ndarray:
-        """(H, W, 3) uint8 BGR -> (3, S, S) float32 normalised RGB."""
+        """(H, W, 3) uint8 BGR -> (3, height, width) float32 normalised RGB."""
         rgb = cv2.cvtColor(resize(image_bgr, self.image_size, self.resize), cv2.COLOR_BGR2RGB)
         scaled = rgb.astype(np.float32) / 255.0
         normalised = (scaled - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
         return np.ascontiguousarray(normalised.transpose(2, 0, 1))
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "image_size": self.image_size.to_json()}
 
     @classmethod
     def from_dict(cls, data: dict) -> Preprocess:
         return cls(
-            int(data["image_size"]),
+            ImageSize.parse(data["image_size"]),
             tuple(data["mean"]),
             tuple(data["std"]),
             data["resize"],

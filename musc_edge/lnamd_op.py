@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import torch
 
-from musc_edge.lnamd import grid_side
+from musc_edge.lnamd import Grid, grid_shape
 
 
 def band_matrices(side: int, r_list: Sequence[int], device: torch.device) -> torch.Tensor:
@@ -30,28 +30,34 @@ def band_matrices(side: int, r_list: Sequence[int], device: torch.device) -> tor
 
 
 @torch.library.custom_op("musc_edge::lnamd", mutates_args=(), device_types=("cpu", "cuda"))
-def lnamd_op(tokens: torch.Tensor, r_list: list[int]) -> torch.Tensor:
-    """(N, L, C) tokens -> (len(r_list), N, L, C) float32 unit vectors, one set per r."""
+def lnamd_op(tokens: torch.Tensor, r_list: list[int], grid: list[int]) -> torch.Tensor:
+    """(N, L, C) tokens on a (rows, columns) grid -> (len(r_list), N, L, C) float32 unit
+    vectors, one set per r."""
     n, num_patches, dim = tokens.shape
-    side = grid_side(num_patches)
+    rows, columns = grid
     sets = len(r_list)
-    bands = band_matrices(side, r_list, tokens.device)
-    grid = tokens.float()
-    centred = (grid - grid.mean(dim=(1, 2), keepdim=True)).view(n * side, side, dim)
-    # column sums of every r at once: (N*h, R*h, C), rows of each r contiguous per grid row
-    cols = torch.matmul(bands.view(sets * side, side), centred).view(n, side, sets, side * dim)
-    out = torch.empty(sets, n, side, side * dim, device=tokens.device)
+    row_bands = band_matrices(rows, r_list, tokens.device)
+    column_bands = band_matrices(columns, r_list, tokens.device)
+    values = tokens.float()
+    centred = (values - values.mean(dim=(1, 2), keepdim=True)).view(n * rows, columns, dim)
+    # sums along each grid row for every r at once: (N*rows, R*columns, C)
+    cols = torch.matmul(column_bands.view(sets * columns, columns), centred)
+    cols = cols.view(n, rows, sets, columns * dim)
+    out = torch.empty(sets, n, rows, columns * dim, device=tokens.device)
     for index in range(sets):
-        torch.matmul(bands[index], cols[:, :, index], out=out[index])
+        torch.matmul(row_bands[index], cols[:, :, index], out=out[index])
     out = out.view(sets, n, num_patches, dim)
     return out.div_(torch.linalg.vector_norm(out, dim=-1, keepdim=True).clamp_min_(1e-12))
 
 
 @lnamd_op.register_fake
-def _lnamd_fake(tokens: torch.Tensor, r_list: list[int]) -> torch.Tensor:
+def _lnamd_fake(tokens: torch.Tensor, r_list: list[int], grid: list[int]) -> torch.Tensor:
     return tokens.new_empty((len(r_list), *tokens.shape), dtype=torch.float32)
 
 
-def lnamd(tokens: torch.Tensor, r_list: Sequence[int]) -> list[torch.Tensor]:
+def lnamd(
+    tokens: torch.Tensor, r_list: Sequence[int], grid: Grid | None = None
+) -> list[torch.Tensor]:
     """`musc_edge.lnamd.lnamd` through the custom op: one (N, L, C) set per r."""
-    return list(torch.ops.musc_edge.lnamd(tokens, list(r_list)).unbind(0))
+    shape = list(grid_shape(tokens.shape[1], grid))
+    return list(torch.ops.musc_edge.lnamd(tokens, list(r_list), shape).unbind(0))

@@ -11,25 +11,27 @@ judges by (docs/verdicts.md).
 from __future__ import annotations
 
 import contextlib
-import math
 import warnings
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 
 from musc_edge import lnamd, lnamd_op
 from musc_edge.errors import MuscEdgeError
-from musc_edge.lnamd import grid_side
+from musc_edge.lnamd import Grid, grid_shape
 from musc_edge.msm import DEFAULT_BACKEND, mutual_scores
 from musc_edge.msm.backends import check_backend
 from musc_edge.msm.nearest import nearest_distances
 from musc_edge.msm.positional import is_window, positional_scores
 from musc_edge.precision import Precision, parse_precision
 from musc_edge.rscin import rscin
+
+if TYPE_CHECKING:
+    from musc_edge.package import ModelPackage
 
 # Below this many images (queries and references together) mutual scores are defined but
 # unreliable, and a median / MAD of so few scores says nothing either.
@@ -51,10 +53,10 @@ class MuScInputError(MuscEdgeError, ValueError):
 class MuScResult:
     """Scores of the scored images: per-patch maps, raw image scores and RsCIN scores."""
 
-    patch_maps: torch.Tensor  # (N, h, h) patch distances
+    patch_maps: torch.Tensor  # (N, rows, columns) patch distances
     raw_scores: torch.Tensor  # (N,) max of each patch map
     scores: torch.Tensor  # (N,) after RsCIN, in patch-distance units
-    bank_maps: torch.Tensor | None = None  # (N, h, h) distances to the known-good bank
+    bank_maps: torch.Tensor | None = None  # (N, rows, columns) distances to the known-good bank
 
     @property
     def bank_scores(self) -> torch.Tensor | None:
@@ -88,9 +90,18 @@ class References:
     embeddings: torch.Tensor  # (R, D)
     raw_scores: torch.Tensor  # (R,)
     aligned_spread: AlignedSpread | None = None  # fixtured parts: each position's normal spread
+    # the patches distances are measured to, (M, C) per set, when they are not all of the
+    # voters' own (a calibration's coreset of many more parts, musc_edge/coreset.py)
+    bank: list[torch.Tensor] | None = None
 
     def __len__(self) -> int:
         return self.embeddings.shape[0]
+
+    def patches(self, index: int) -> torch.Tensor:
+        """(M, C) known-good patches of set `index`: the bank's, else the voters' own."""
+        if self.bank is not None:
+            return self.bank[index]
+        return self.sets[index].reshape(-1, self.sets[index].shape[-1])
 
     def join(self, other: References | None) -> References:
         """These references and `other`'s, as one set of voters (our positional spread)."""
@@ -98,11 +109,19 @@ class References:
             return self
         if not len(self):
             return replace(other, aligned_spread=self.aligned_spread or other.aligned_spread)
+        bank = None
+        if self.bank is not None or other.bank is not None:
+            count = len(self.sets)
+            bank = [
+                torch.cat([self.patches(i), other.patches(i).to(self.patches(i))])
+                for i in range(count)
+            ]
         return References(
             [torch.cat([a, b.to(a.dtype)]) for a, b in zip(self.sets, other.sets, strict=True)],
             torch.cat([self.embeddings, other.embeddings.to(self.embeddings)]),
             torch.cat([self.raw_scores, other.raw_scores.to(self.raw_scores)]),
             self.aligned_spread or other.aligned_spread,
+            bank,
         )
 
 
@@ -133,7 +152,9 @@ class AlignedSpread:
         )
 
 
-def check_inputs(tokens: Sequence[torch.Tensor], embeddings: torch.Tensor) -> int:
+def check_inputs(
+    tokens: Sequence[torch.Tensor], embeddings: torch.Tensor, grid: Grid | None = None
+) -> int:
     """Raise MuScInputError on anything MuSc cannot score; return the batch size."""
     if len(tokens) == 0:
         raise MuScInputError("tokens is empty: pass a list with one (N, L, C) tensor per layer")
@@ -145,7 +166,7 @@ def check_inputs(tokens: Sequence[torch.Tensor], embeddings: torch.Tensor) -> in
                 "expected a float tensor (N, L, C)"
             )
         try:
-            grid_side(layer.shape[1])
+            grid_shape(layer.shape[1], grid)
         except ValueError as error:
             raise MuScInputError(f"tokens[{index}]: {error}") from None
         if not torch.isfinite(layer).all():
@@ -225,6 +246,7 @@ class MuSc:
         backend: str = DEFAULT_BACKEND,
         pooling: str = "op",
         window: int | None = None,
+        grid: Grid | None = None,
     ) -> None:
         if not r_list or any(r < 1 or r % 2 == 0 for r in r_list):
             raise MuScInputError(f"r_list must hold odd sizes >= 1, got {tuple(r_list)}")
@@ -238,6 +260,11 @@ class MuSc:
             raise MuScInputError(
                 f"window must be an odd integer >= 1 (3, 5, 7; None: global MSM), got {window!r}"
             )
+        if window is not None and grid is not None and grid[0] != grid[1]:
+            raise MuScInputError(
+                f"positional MSM (a window) needs a square patch grid, this input has {grid[0]} "
+                f"x {grid[1]} patches; export a square package or score without a window"
+            )
         self.r_list = tuple(r_list)
         self.frac = frac
         self.k_list = tuple(k_list)
@@ -248,20 +275,34 @@ class MuSc:
         # positional MSM (fixtured parts): only the window x window positions around a
         # patch's own are compared (docs/positional.md); None: every patch, MuSc's MSM
         self.window = window
+        # (rows, columns) of a non-square input's patch grid; None: square, from the tokens
+        self.grid = None if grid is None else (int(grid[0]), int(grid[1]))
 
     @classmethod
-    def from_settings(
-        cls, settings: dict, precision: Precision | str | None = None, **options: Any
+    def for_package(
+        cls, package: ModelPackage, precision: Precision | str | None = None, **options: Any
     ) -> MuSc:
-        """MuSc from a model package's `musc` settings; `precision` overrides the package's;
-        `options` go to the constructor (backend, window, ...)."""
+        """MuSc with a model package's `musc` settings on its patch grid; `precision`
+        overrides the package's; `options` go to the constructor (backend, window, ...)."""
+        settings = package.musc
         chosen = precision or settings.get("precision", Precision.fp32)
-        return cls(settings["r_list"], settings["frac"], settings["k_list"], chosen, **options)
+        return cls(
+            settings["r_list"],
+            settings["frac"],
+            settings["k_list"],
+            chosen,
+            grid=package.grid,
+            **options,
+        )
+
+    def grid_of(self, num_patches: int) -> Grid:
+        """(rows, columns) of the patch grid that `num_patches` tokens lie on."""
+        return grid_shape(num_patches, self.grid)
 
     def pool(self, tokens: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """LNAMD of (N, L, C) tokens per layer: one (N, L, C) unit-vector set per (layer, r)."""
         pool = POOLING[self.pooling]
-        return [z for layer in tokens for z in pool(layer, self.r_list)]
+        return [z for layer in tokens for z in pool(layer, self.r_list, self.grid)]
 
     def patch_scores(
         self,
@@ -288,19 +329,20 @@ class MuSc:
         return total / len(sets)
 
     def bank_maps(self, sets: Sets, bank: References) -> torch.Tensor:
-        """(Q, h, h) distance of each query patch to the nearest patch of the bank, averaged
-        over the pooled sets as MSM's patch scores are (fixtured parts: see `AlignedSpread`)."""
+        """(Q, rows, columns) distance of each query patch to the nearest patch of the bank,
+        averaged over the pooled sets as MSM's patch scores are (fixtured parts: see
+        `AlignedSpread`)."""
         total = deviation = 0
-        for index, (z, b) in enumerate(zip(sets, bank.sets, strict=True)):
-            distances = nearest_distances(z, b, self.precision.dtype, self.budget_bytes)
+        for index, z in enumerate(sets):
+            patches = bank.patches(index)
+            distances = nearest_distances(z, patches, self.precision.dtype, self.budget_bytes)
             total = total + distances
             if bank.aligned_spread is not None:
                 deviation = deviation + bank.aligned_spread.standardise(distances, index)
         maps = total / len(sets)
         if bank.aligned_spread is not None:
             maps = bank.aligned_spread.combine(maps, deviation / len(sets))
-        side = math.isqrt(sets[0].shape[1])
-        return maps.view(-1, side, side)
+        return maps.view(-1, *self.grid_of(sets[0].shape[1]))
 
     @torch.no_grad()
     def score(
@@ -313,7 +355,7 @@ class MuSc:
     ) -> MuScResult:
         """Score N images against each other (and the references, if any; known-good
         references vote too and give the bank maps)."""
-        check_inputs(tokens, embeddings)
+        check_inputs(tokens, embeddings, self.grid)
         with hooks.stage("lnamd"):
             sets = self.pool(tokens)
         return self._score_sets(sets, embeddings, references, hooks, known_good)
@@ -363,5 +405,5 @@ class MuSc:
                 all_raw = torch.cat([raw, references.raw_scores.to(raw)])
                 all_embeddings = torch.cat([all_embeddings, references.embeddings.to(raw.device)])
             scores = rscin(all_raw, all_embeddings, self.k_list)[:num_queries]
-        side = math.isqrt(patch.shape[1])
-        return MuScResult(patch.view(num_queries, side, side), raw, scores, bank)
+        maps = patch.view(num_queries, *self.grid_of(patch.shape[1]))
+        return MuScResult(maps, raw, scores, bank)

@@ -20,6 +20,7 @@ from pydantic import TypeAdapter, ValidationError
 from musc_edge.errors import MuscEdgeError
 from musc_edge.files import file_sha256, write_json_atomic
 from musc_edge.images import Preprocess
+from musc_edge.size import ImageSize
 
 MANIFEST = "musc.json"
 FORMAT = "musc-edge-package"
@@ -55,7 +56,7 @@ class ModelPackage:
     backbone: str
     weights_source: str
     weights_sha256: str | None
-    image_size: int
+    image_size: int | list[int]  # one number: square; else [height, width] (ImageSize)
     patch_size: int
     layers: list[int]
     token_dim: int
@@ -72,8 +73,13 @@ class ModelPackage:
     folder: Path | None = None
 
     @property
-    def grid(self) -> int:
-        return self.image_size // self.patch_size
+    def size(self) -> ImageSize:
+        return ImageSize.parse(self.image_size)
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """(rows, columns) of the patch grid."""
+        return self.size.grid(self.patch_size)
 
     @property
     def token_outputs(self) -> list[str]:
@@ -86,9 +92,10 @@ class ModelPackage:
 
     def tensor_shapes(self) -> dict[str, list[int]]:
         """Shape of the input and of each output, -1 for the (dynamic) batch."""
-        tokens = [-1, self.grid * self.grid, self.token_dim]
+        rows, columns = self.grid
+        tokens = [-1, rows * columns, self.token_dim]
         return {
-            INPUT_NAME: [-1, 3, self.image_size, self.image_size],
+            INPUT_NAME: [-1, 3, *self.size.hw],
             **{name: tokens for name in self.token_outputs},
             EMBEDDING_NAME: [-1, self.embedding_dim],
         }
@@ -97,9 +104,7 @@ class ModelPackage:
         """What decides the scores: the exported backbone, its input and MuSc's settings
         (what a calibration must match; an engine built from the same ONNX does)."""
         model = self.artifacts.get("backbone.onnx", {}).get("sha256")
-        binding = scoring_binding(
-            self.backbone, self.image_size, self.layers, self.preprocess, self.musc
-        )
+        binding = scoring_binding(self.backbone, self.size, self.layers, self.preprocess, self.musc)
         return {"backbone_sha256": model or self.weights_sha256, **binding}
 
     @property
@@ -120,7 +125,7 @@ class ModelPackage:
         """The manifest, with the derived grid and tensor shapes spelled out for readers."""
         data = asdict(self)
         data.pop("folder")
-        derived = {"grid": self.grid, "tensors": {"dtype": "float32", **self.tensor_shapes()}}
+        derived = {"grid": list(self.grid), "tensors": {"dtype": "float32", **self.tensor_shapes()}}
         return {"format": FORMAT, "format_version": FORMAT_VERSION, **derived, **data}
 
     @classmethod
@@ -143,7 +148,7 @@ class ModelPackage:
             return _SCHEMA.validate_python({**values, "folder": folder})
         except ValidationError as error:
             problem = error.errors()[0]
-            where = ".".join(str(part) for part in problem["loc"])
+            where = problem["loc"][0]  # the field; not the union member pydantic tried last
             raise PackageError(
                 f"{folder}: {MANIFEST} field {where} = {problem['input']!r}: {problem['msg']}; "
                 "export the package again"
@@ -160,13 +165,13 @@ class ModelPackage:
 
 
 def scoring_binding(
-    backbone: str, image_size: int, layers: Sequence[int], preprocess: dict, musc: Mapping
+    backbone: str, image_size: ImageSize, layers: Sequence[int], preprocess: dict, musc: Mapping
 ) -> dict:
     """The settings a calibration is bound to, as stored (tuples become lists): one layout
     for a package's binding and for eval's, which runs the torch model and has no sha256."""
     binding = {
         "backbone": backbone,
-        "image_size": image_size,
+        "image_size": image_size.to_json(),
         "layers": list(layers),
         "preprocess": preprocess,
         "musc": {key: musc[key] for key in ("r_list", "frac", "k_list")},
@@ -179,7 +184,7 @@ _SCHEMA = TypeAdapter(ModelPackage)
 
 
 def load_package(
-    folder: Path, image_size: int | None = None, *, skip: Collection[str] = ()
+    folder: Path, image_size: ImageSize | int | None = None, *, skip: Collection[str] = ()
 ) -> ModelPackage:
     """Read and verify a package: manifest present and current, every artifact intact.
 
@@ -207,9 +212,9 @@ def load_package(
                 f"{folder}: {name} does not match its sha256 in {MANIFEST} (damaged or "
                 "replaced); export or build it again"
             )
-    if image_size is not None and image_size != package.image_size:
+    if image_size is not None and ImageSize.parse(image_size) != package.size:
         raise PackageError(
-            f"{folder} was exported for {package.image_size}px images, not {image_size}px; "
+            f"{folder} was exported for {package.size}px images, not {image_size}px; "
             "export a package at that size"
         )
     return package

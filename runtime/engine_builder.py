@@ -34,6 +34,7 @@ from musc_edge.package import (
     compare_outputs,
     record_parity,
 )
+from musc_edge.size import ImageSize
 
 TIMING_CACHE_FILE = "timing.cache"  # tactic timings: rebuilds on the same GPU go faster
 MIN_TENSORRT_MAJOR = 10
@@ -68,13 +69,14 @@ def engine_support() -> str | None:
     return None
 
 
-def profile_shapes(image_size: int, max_batch: int) -> tuple[tuple[int, ...], ...]:
+def profile_shapes(image_size: ImageSize | int, max_batch: int) -> tuple[tuple[int, ...], ...]:
     """(min, opt, max) input shapes of the optimisation profile: any batch from 1 to
     max_batch, kernels tuned for full batches, which the line runtime sends under load."""
     if max_batch < 1:
         raise UsageError(f"max batch must be at least 1, got {max_batch}")
-    single = (1, 3, image_size, image_size)
-    full = (max_batch, 3, image_size, image_size)
+    size = ImageSize.parse(image_size).hw
+    single = (1, 3, *size)
+    full = (max_batch, 3, *size)
     return single, full, full
 
 
@@ -113,7 +115,7 @@ def configure_precision(trt, network, config, precision: str) -> int:
 def build_engine(
     onnx_path: Path,
     engine_path: Path,
-    image_size: int,
+    image_size: ImageSize,
     precision: str,
     max_batch: int,
     timing_cache: Path,
@@ -208,7 +210,7 @@ def build_package_engine(
         record = build_engine(
             package.path(ONNX_FILE),
             scratch / ENGINE_FILE,
-            package.image_size,
+            package.size,
             precision,
             max_batch,
             package.path(TIMING_CACHE_FILE),

@@ -24,6 +24,7 @@ from musc_edge.musc import MuSc
 from musc_edge.package import ModelPackage
 from musc_edge.parallel import usable_cores
 from musc_edge.profile import Profile
+from musc_edge.region import Region, RegionOutsideImage
 from musc_edge.runtime.camera import Arrival, CameraDir
 from musc_edge.runtime.commits import Committer
 from musc_edge.runtime.counts import Counts
@@ -102,6 +103,7 @@ class LineParts:
         known_good = None
         if settings.calibration is not None:
             calibration = load_calibration(settings.calibration, package)
+            calibration.check_region(region_of(settings), settings.calibration)
             known_good = KnownGood(calibration, settings.refresh_references, musc.precision.dtype)
         verdicts = Verdicts.for_line(
             settings.threshold, known_good, journal.records(), settings.batch_size
@@ -145,6 +147,21 @@ class LineParts:
         return cls(journal, health, camera, verdicts, scheduler, committer)
 
 
+def region_of(settings: LineSettings) -> Region | None:
+    return None if settings.region is None else Region(*settings.region)
+
+
+def crop_arrival(arrival: Arrival, region: Region) -> None:
+    """Cut a decoded image to the line's region; one the box does not fit becomes an error
+    record (the rest of the batch is still scored)."""
+    if arrival.image is None:
+        return
+    try:
+        arrival.image = region.crop(arrival.image)
+    except RegionOutsideImage as error:
+        arrival.image, arrival.error = None, str(error)
+
+
 def refuse_other_model(journal: Journal, package: ModelPackage) -> None:
     """An out folder holds one model's answers: its threshold history and batches must not
     mix two models (another export, another image size)."""
@@ -174,6 +191,7 @@ class Line:
         self.settings = settings
         self.runner = runner
         self.preprocess = package.preprocessing()
+        self.region = region_of(settings)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.on_update = on_update or (lambda stats: None)
         self.stats = LineStats()
@@ -229,6 +247,9 @@ class Line:
 
     def _receive(self, arrivals: list[Arrival]) -> None:
         """Errors are recorded at once; images get their features now, not when scored."""
+        if self.region is not None:
+            for arrival in arrivals:
+                crop_arrival(arrival, self.region)
         failures = [a for a in arrivals if a.error is not None]
         if failures:
             self._count(self.parts.committer.failures(failures))

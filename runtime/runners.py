@@ -22,6 +22,7 @@ import torch
 from musc_edge.errors import UsageError
 from musc_edge.package import ENGINE_FILE, ONNX_FILE, ModelPackage, PackageError
 from musc_edge.precision import Precision, parse_precision
+from musc_edge.size import ImageSize
 
 
 class RunnerError(PackageError):
@@ -129,19 +130,19 @@ class Runner(ABC):
         """Load the engine: the subclass's own work; `options` are among its `options`."""
 
     @property
-    def image_size(self) -> int:
-        """The side S of the (B, 3, S, S) batches this runner takes."""
-        return self.package.image_size
+    def image_size(self) -> ImageSize:
+        """The (height, width) of the (B, 3, height, width) batches this runner takes."""
+        return self.package.size
 
     def check_batch(self, batch: object) -> None:
-        """A float32 numpy array of shape (B, 3, S, S), B >= 1 (at most the package's
+        """A float32 numpy array of shape (B, 3, height, width), B >= 1 (at most the package's
         max_batch where `batch_limited`); the error names the shape expected."""
         size = self.image_size
         limit = self.package.max_batch if self.batch_limited else None
-        shape = f"(B, 3, {size}, {size})"
+        shape = f"(B, 3, {size.height}, {size.width})"
         if isinstance(batch, np.ndarray):
             fits = batch.dtype == np.float32 and batch.ndim == 4 and len(batch) >= 1
-            fits = fits and batch.shape[1:] == (3, size, size)
+            fits = fits and batch.shape[1:] == (3, *size.hw)
             if fits and (limit is None or len(batch) <= limit):
                 return
             given = f"a {batch.dtype} array of shape {batch.shape}"

@@ -159,7 +159,8 @@ def score_batch(
 
 def guard_flags(musc: MuSc, sets: list[torch.Tensor]) -> list[bool]:
     """The zero-shot repeated-defect guard over one batch (musc_edge/consistency.py)."""
-    return repeated_in_batch(sets, len(musc.r_list), musc.frac).tolist()
+    columns = musc.grid_of(sets[0].shape[1])[1]
+    return repeated_in_batch(sets, len(musc.r_list), musc.frac, columns).tolist()
 
 
 class Window:

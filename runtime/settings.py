@@ -22,6 +22,7 @@ from pydantic.dataclasses import dataclass
 from musc_edge.errors import UsageError
 from musc_edge.images import DEFAULT_MAX_PIXELS
 from musc_edge.precision import Precision
+from musc_edge.region import Region
 from musc_edge.runtime.runners import ENGINES
 
 
@@ -74,6 +75,12 @@ class LineSettings:
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1)  # images declaring more are refused
     overlap: bool | None = None  # batch mode: extract the next images while one is scored
     ignore: tuple[str, ...] = ()  # glob patterns of camera paths never looked at (an archive)
+    region: tuple[int, int, int, int] | None = None  # x, y, width, height: the part's box
+
+    @field_validator("region", mode="before")
+    @classmethod
+    def _region(cls, value: object) -> object:
+        return None if value is None else tuple(Region.parse(value).to_json())
 
     @field_validator("threshold", mode="before")
     @classmethod

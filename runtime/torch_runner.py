@@ -63,7 +63,7 @@ class TorchRunner(Runner):
         try:
             backbone = create_backbone(
                 package.backbone,
-                package.image_size,
+                package.size,
                 package.layers,
                 **weights_arguments(package, allow_random_init),
             )

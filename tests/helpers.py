@@ -33,6 +33,7 @@ from musc_edge.runtime.journal import RESULTS_FILE
 from musc_edge.runtime.line import Line
 from musc_edge.runtime.runners import Runner
 from musc_edge.runtime.settings import LineSettings
+from musc_edge.size import ImageSize
 
 # --- model packages -------------------------------------------------------------------------------
 
@@ -99,8 +100,8 @@ class PooledColours(Runner):
         self.projection = torch.randn(3, 32, generator=generator)
 
     @property
-    def image_size(self) -> int:  # without a package (an eval's extractor): SIZE
-        return SIZE if self.package is None else self.package.image_size
+    def image_size(self) -> ImageSize:  # without a package (an eval's extractor): SIZE
+        return ImageSize(SIZE, SIZE) if self.package is None else self.package.size
 
     def infer_impl(self, batch: np.ndarray):
         pooled = F.avg_pool2d(torch.from_numpy(batch), PATCH).flatten(2).transpose(1, 2)

@@ -43,7 +43,7 @@ def test_eval_bottle_meets_paper_reference(bottle_dir, dinov2_vits14, tmp_path) 
     assert bottle["pixel"]["pro"] >= 85.5
     assert len(bottle["images"]) == 83 and not bottle["failures"]
     assert report["config"]["weights"]["source"] == "fetched:dinov2-vits14"
-    assert report["config"]["layers"] == [3, 6, 9, 12]
+    assert report["config"]["layers"] == [6, 9]
 
 
 def test_eval_keeps_going_past_a_corrupt_image(tmp_path) -> None:

@@ -42,7 +42,7 @@ from tests.conftest import BOTTLE
 from tests.helpers import make_package
 
 runner = CliRunner()
-VITS14_OUTPUTS = ["tokens_3", "tokens_6", "tokens_9", "tokens_12", "embedding"]
+VITS14_OUTPUTS = ["tokens_6", "tokens_9", "embedding"]
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +63,7 @@ def test_export_writes_a_verified_package(vits14: tuple[Path, str]) -> None:
     package = load_package(folder, image_size=224)
     assert set(package.artifacts) == {ONNX_FILE, PARITY_REFERENCE_FILE}
     assert package.weights_source == "fetched:dinov2-vits14" and package.weights_sha256
-    assert (package.token_dim, package.embedding_dim, package.grid) == (384, 384, 16)
+    assert (package.token_dim, package.embedding_dim, package.grid) == (384, 384, (16, 16))
     assert torch.__version__.startswith(package.versions["torch"]) and package.onnx_opset >= 17
     assert "✓ exporting the ONNX graph" in output
     assert [p.name for p in folder.parent.iterdir()] == [folder.name], "staging left behind"
@@ -78,7 +78,8 @@ def test_onnx_graph_is_valid_dynamic_and_named(vits14: tuple[Path, str]) -> None
     assert images.type.tensor_type.shape.dim[0].dim_param, "batch is not dynamic"
     assert [output.name for output in graph.output] == VITS14_OUTPUTS
     ops = [node.op_type for node in graph.node]
-    assert ops.count("LayerNormalization") == 2 * 12 + 4  # 2 per block, the final norm per output
+    # 2 per block, the final norm per token output and on the class token
+    assert ops.count("LayerNormalization") == 2 * 12 + len(VITS14_OUTPUTS)
     assert ops.count("Softmax") == 12  # attention as MatMul-Softmax-MatMul, one per block
 
 
@@ -95,14 +96,17 @@ def test_onnxruntime_reproduces_torch_in_the_parity_report(vits14: tuple[Path, s
         assert "TensorRT engine skipped" in output
 
 
-def test_musc_scores_from_onnxruntime_equal_torch(vits14: tuple[Path, str], bottle_features):
+def test_musc_scores_from_onnxruntime_equal_torch(
+    vits14: tuple[Path, str], bottle_features, dinov2_vits14
+):
     package = load_package(vits14[0])
     onnx_features = extract_features(
         bottle_features.paths, package.preprocessing(), open_runner(package, "onnxruntime")
     )
     musc = MuSc()
     ours = musc.score(onnx_features.tokens, onnx_features.embeddings)
-    reference = musc.score(bottle_features.tokens, bottle_features.embeddings)
+    chosen = [dinov2_vits14.layers.index(layer) for layer in package.layers]  # the preset's
+    reference = musc.score([bottle_features.tokens[i] for i in chosen], bottle_features.embeddings)
     assert len(bottle_features.paths) >= 10
     for name in ("raw_scores", "scores", "patch_maps"):
         torch.testing.assert_close(
@@ -110,11 +114,12 @@ def test_musc_scores_from_onnxruntime_equal_torch(vits14: tuple[Path, str], bott
         )
 
 
-def test_engine_parity_checks_both_ends_of_the_profile(vits14, dinov2_vits14, monkeypatch):
+def test_engine_parity_checks_both_ends_of_the_profile(vits14, monkeypatch):
     """engine_parity with the torch model standing in for the TensorRT runner."""
-    fake = SimpleNamespace(TensorRTRunner=lambda package: torch_extractor(dinov2_vits14))
-    monkeypatch.setitem(sys.modules, "musc_edge.runtime.tensorrt_runner", fake)
     package = load_package(vits14[0])
+    model = create_backbone("dinov2-vits14", 224, package.layers)
+    fake = SimpleNamespace(TensorRTRunner=lambda package: torch_extractor(model))
+    monkeypatch.setitem(sys.modules, "musc_edge.runtime.tensorrt_runner", fake)
     package.engine = {"gpu": "torch on the CPU"}
     entry = engine_parity(package, package.path(PARITY_REFERENCE_FILE))
     assert entry["batches"] == [1, 8] and entry["passed"] and entry["max_rel"] < 1e-5
@@ -149,7 +154,7 @@ def test_clip_export_through_the_api(tmp_path: Path) -> None:
         on_stage=stages.append,
     )
     package = load_package(tmp_path / "vit-b-32")
-    assert (package.token_dim, package.embedding_dim, package.grid) == (768, 512, 7)
+    assert (package.token_dim, package.embedding_dim, package.grid) == (768, 512, (7, 7))
     assert package.weights_source == "random-init" and package.weights_sha256 is None
     assert (package.precision, package.max_batch) == ("fp32", 2)
     assert package.musc["k_list"] == [1] and package.preprocess["mean"][0] == 0.48145466

@@ -304,7 +304,7 @@ def test_a_broken_bottle_alone_at_the_end_is_never_passed(
 
     def run(out: str) -> list[dict]:
         settings = LineSettings(camera, tmp_path / out, batch_size=8, watch=False, settle=0.0)
-        Line(settings, package, runner, MuSc.from_settings(package.musc)).run()
+        Line(settings, package, runner, MuSc.for_package(package)).run()
         return results(tmp_path / out)
 
     records = run("out")

@@ -196,7 +196,9 @@ def test_fake_impls_pass_opcheck() -> None:
     """Schema, fake tensors and AOT dispatch with dynamic shapes: what torch.compile/export use."""
     z = unit_vectors(4, 9, 8)
     torch.library.opcheck(torch.ops.musc_edge.msm.default, (z, 0.3, 2**20, torch.float32, 3))
-    torch.library.opcheck(torch.ops.musc_edge.lnamd.default, (torch.randn(3, 9, 8), [1, 3]))
+    torch.library.opcheck(
+        torch.ops.musc_edge.lnamd.default, (torch.randn(3, 12, 8), [1, 3], [3, 4])
+    )
 
 
 def test_ops_compile_into_one_graph() -> None:

@@ -23,7 +23,7 @@ from musc_edge.msm import mutual_scores
 from musc_edge.msm import positional as positional_module
 from musc_edge.msm.positional import PositionalError, positional_scores
 from musc_edge.musc import MuScInputError
-from tests.helpers import run_context, torch_run_config, unit_vectors
+from tests.helpers import run_context, torch_run_config, unit_vectors, write_package
 from tests.oracle import lnamd_f64, rscin_f64
 
 BF16_UNIT = 2.0**-8
@@ -227,10 +227,14 @@ def test_musc_with_a_window_scores_queries_against_references_as_one_batch() -> 
     assert not torch.allclose(batch.patch_maps, MuSc().score(tokens, embeddings).patch_maps)
 
 
-def test_from_settings_takes_the_window() -> None:
-    settings = {"r_list": [1, 3], "frac": 0.3, "k_list": [1, 2]}
-    assert MuSc.from_settings(settings, window=5).window == 5
-    assert MuSc.from_settings(settings).window is None
+def test_for_package_takes_the_window_and_the_grid(tmp_path) -> None:
+    package = write_package(tmp_path / "square")
+    assert MuSc.for_package(package, window=5).window == 5
+    assert MuSc.for_package(package).window is None
+    wide = write_package(tmp_path / "wide", image_size=[56, 84])
+    assert MuSc.for_package(wide).grid == (4, 6)
+    with pytest.raises(MuScInputError, match="square patch grid"):
+        MuSc.for_package(wide, window=3)
 
 
 def test_musc_with_a_window_on_real_bottle_features(bottle_features) -> None:

@@ -29,7 +29,7 @@ def test_round_trip(tmp_path: Path) -> None:
     loaded = load_package(tmp_path / "pkg", image_size=224)
     assert loaded.to_dict() == json.loads(json.dumps(written.to_dict()))
     assert loaded.folder == tmp_path / "pkg"
-    assert loaded.grid == 16
+    assert loaded.grid == (16, 16)
     assert loaded.output_names == ["tokens_3", "tokens_6", "tokens_9", "tokens_12", "embedding"]
     assert loaded.preprocessing() == Preprocess(224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
     assert not list((tmp_path / "pkg").glob(".*partial")), "atomic write left its temporary file"
@@ -38,7 +38,7 @@ def test_round_trip(tmp_path: Path) -> None:
 def test_manifest_spells_out_what_the_runtime_must_not_guess(tmp_path: Path) -> None:
     make_package(tmp_path / "pkg")
     data = json.loads((tmp_path / "pkg" / MANIFEST).read_text())
-    assert data["grid"] == 16
+    assert data["grid"] == [16, 16]
     assert data["tensors"]["images"] == [-1, 3, 224, 224]
     assert data["tensors"]["tokens_12"] == [-1, 256, 384]
     assert data["tensors"]["embedding"] == [-1, 384]

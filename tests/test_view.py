@@ -371,9 +371,7 @@ def screenshot_line(request: pytest.FixtureRequest, tmp_path: Path) -> Line:
     """The docs screenshot's line: the real dinov2-vits14 package at 224 px, ONNX Runtime."""
     package = load_package(request.getfixturevalue("vits14_package"))
     settings = LineSettings(tmp_path / "camera", tmp_path / "out", settle=0.0, poll=0.01, **LINE)
-    return Line(
-        settings, package, open_runner(package, "onnxruntime"), MuSc.from_settings(package.musc)
-    )
+    return Line(settings, package, open_runner(package, "onnxruntime"), MuSc.for_package(package))
 
 
 def bottle_images(count: int) -> list[Path]:

@@ -36,7 +36,7 @@ def choose_backbone(asked: str) -> tuple[str, str]:
 
 
 def write_package(
-    folder: Path, backbone: str, image_size: int, preset: str, max_batch: int
+    folder: Path, backbone: str, image_size: str, preset: str, max_batch: int
 ) -> dict:
     """Build the random-init backbone once to read its output widths, write musc.json."""
     import torch
@@ -49,8 +49,8 @@ def write_package(
     model = create_backbone(config.backbone, config.image_size, config.layers, random_init=True)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     with torch.inference_mode():
-        size = config.image_size
-        tokens, embedding = model.to(device)(torch.zeros(1, 3, size, size, device=device))
+        size = config.image_size.hw
+        tokens, embedding = model.to(device)(torch.zeros(1, 3, *size, device=device))
     folder.mkdir(parents=True, exist_ok=True)
     versions: dict[str, str | None] = {"python": platform.python_version()}
     for name in ("musc-edge", "torch", "timm", "open_clip_torch"):
@@ -62,7 +62,7 @@ def write_package(
         backbone=model.spec.name,
         weights_source=model.weights.source,
         weights_sha256=None,
-        image_size=model.image_size,
+        image_size=model.image_size.to_json(),
         patch_size=model.spec.patch_size,
         layers=list(model.layers),
         token_dim=int(tokens[0].shape[-1]),
@@ -89,7 +89,7 @@ def write_package(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backbone", default="auto", help="a registry name, or auto")
-    parser.add_argument("--image-size", type=int, default=518)
+    parser.add_argument("--image-size", default="518")
     parser.add_argument("--preset", default="musc-paper", help="MuSc settings (r, frac, k)")
     parser.add_argument("--max-batch", type=int, default=8, help="images per backbone call")
     parser.add_argument("--out", type=Path, required=True, help="package folder")

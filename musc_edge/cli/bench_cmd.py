@@ -65,7 +65,7 @@ def bench(
     sizes = list(parse_int_list(sweep, "--sweep")) if sweep else [batch_size]
     with user_errors(), tempfile.TemporaryDirectory() as work:
         package = load_package(model)
-        folder = images or write_synthetic(Path(work), max(sizes), package.image_size)
+        folder = images or write_synthetic(Path(work), max(sizes), max(package.size.hw))
         ours = line_pipeline(package, engine.value, backbone_precision, msm_precision.value)
         if calibration is not None:
             from musc_edge.calibration import load_calibration

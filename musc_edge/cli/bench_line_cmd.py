@@ -57,7 +57,7 @@ def bench_line(
     with user_errors():
         package = load_package(model)
         runner = open_runner(package, engine.value, precision=backbone_precision)
-        musc = MuSc.from_settings(package.musc, window=window)
+        musc = MuSc.for_package(package, window=window)
         source = StreamSource(root, category, calibration)
         settings = {
             "batch_size": batch_size,

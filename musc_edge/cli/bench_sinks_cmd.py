@@ -57,7 +57,7 @@ def bench_sinks(
         paths = pick_images(images, count)
         package = load_package(model)
         runner = open_runner(package, engine.value, allow_random_init=allow_random_init)
-        musc = MuSc.from_settings(package.musc)
+        musc = MuSc.for_package(package)
         load_before = os.getloadavg()
         console.print(
             f"[bold]{package.backbone}[/] {package.image_size}px, {runner.description}, "

@@ -24,6 +24,19 @@ def calibrate(
     target_frr: float = typer.Option(
         0.01, "--target-frr", help="False-reject rate the threshold is set for (0.01 = 1 %)."
     ),
+    region: str | None = typer.Option(
+        None,
+        "--region",
+        help="Cut every part to this box first, x,y,width,height in pixels: the line's "
+        "--region (a calibration serves one region).",
+    ),
+    bank_size: int | None = typer.Option(
+        None,
+        "--bank-size",
+        min=1,
+        help="Good patches kept per pooled set (default: those of 128 parts at 224 px); above "
+        "it a k-centre coreset, so the time per part stays bounded however many are taught.",
+    ),
     aligned: bool = typer.Option(
         False,
         "--aligned",
@@ -41,6 +54,7 @@ def calibrate(
     threshold for every batch (docs/verdicts.md).
     """
     from musc_edge.calibration import (
+        BANK_PATCHES,
         MIN_PARTS,
         CalibrationError,
         calibrate,
@@ -50,6 +64,7 @@ def calibrate(
     from musc_edge.images import list_images
     from musc_edge.musc import MuSc
     from musc_edge.package import load_package
+    from musc_edge.region import Region, cropped
     from musc_edge.runtime.record import utc_now
     from musc_edge.runtime.runners import open_runner
 
@@ -61,15 +76,16 @@ def calibrate(
             raise CalibrationError(
                 f"{good} holds {len(paths)} images; a calibration needs at least {MIN_PARTS}"
             )
+        box = None if region is None else Region.parse(region)
         package = load_package(model)
         runner = open_runner(package, engine.value, allow_random_init=allow_random_init)
-        musc = MuSc.from_settings(package.musc)
+        musc = MuSc.for_package(package)
         console.print(f"calibrating {package.folder} on {len(paths)} parts from {good}")
         with progress_bar(console) as bar:
             task = bar.add_task("features", total=len(paths))
             features = extract_features(
                 paths,
-                package.preprocessing(),
+                cropped(package.preprocessing(), box),
                 runner,
                 batch_size=package.max_batch,
                 on_batch=lambda count: bar.advance(task, count),
@@ -77,9 +93,17 @@ def calibrate(
             bar.update(task, description="scoring the parts against each other")
             files = [str(path.relative_to(good)) for path in features.paths]
             result = calibrate(
-                package, musc, features.tokens, features.embeddings, files, target_frr, aligned
+                package,
+                musc,
+                features.tokens,
+                features.embeddings,
+                files,
+                target_frr,
+                aligned,
+                bank_size or BANK_PATCHES,
             )
         result.info = {"good": str(good.resolve()), "created": utc_now()}
+        result.info["region"] = None if box is None else box.to_json()
         result.info["engine"] = runner.description
         summary = result.summary()
         result.info["threshold_confidence"] = {
@@ -92,7 +116,8 @@ def calibrate(
         f"{summary['parts']} known-good parts"
         + (" (aligned: scores in multiples of the threshold)" if aligned else "")
         + f"; their scores {summary['score_min']:.4f} to "
-        f"{summary['score_max']:.4f} (median {summary['score_median']:.4f})\n"
+        f"{summary['score_max']:.4f} (median {summary['score_median']:.4f}); bank "
+        f"{summary['bank_patches']} patches per set, {summary['voters']} parts vote in MSM\n"
         f"threshold {summary['threshold']:.4f} for a false-reject rate of "
         f"{100 * target_frr:g} %; {100 * summary['leave_one_out_frr']:.1f} % of these parts "
         "score above it when each is held out\n"

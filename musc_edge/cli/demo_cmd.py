@@ -53,7 +53,7 @@ def demo(
         console.rule("4/4 the line, once over the folder")
         settings = LineSettings(camera, results, watch=False, settle=0.0, poll=0.1)
         line = Line(
-            settings, package, open_runner(package, engine.value), MuSc.from_settings(package.musc)
+            settings, package, open_runner(package, engine.value), MuSc.for_package(package)
         )
         line.run()
     records = list(line.journal.records())

@@ -42,7 +42,7 @@ def evaluate(
     ),
     preset: str | None = options.Preset,
     backbone: str | None = options.Backbone,
-    image_size: int | None = options.ImageSize,
+    image_size: str | None = options.ImageSizeOption,
     layers: str | None = options.Layers,
     msm_precision: Precision | None = options.MsmPrecision,
     backbone_precision: Precision | None = options.BackbonePrecision,
@@ -68,7 +68,14 @@ def evaluate(
         model = options.build_backbone(config, weights, pretrained, random_init)
         backbone_precision = backbone_precision or Precision.fp32
         extractor = torch_extractor(model, options.resolve_device(device), backbone_precision.dtype)
-        musc = MuSc(config.r_list, config.frac, config.k_list, config.precision, window=window)
+        musc = MuSc(
+            config.r_list,
+            config.frac,
+            config.k_list,
+            config.precision,
+            window=window,
+            grid=model.grid,
+        )
         console.print(
             f"[bold]{dataset}[/] {', '.join(categories)}: {config.backbone} at "
             f"{config.image_size}px, blocks {list(model.layers)}, backbone "

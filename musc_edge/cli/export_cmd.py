@@ -58,7 +58,7 @@ def stage_progress() -> Progress:
 def export(
     preset: str | None = options.Preset,
     backbone: str | None = options.Backbone,
-    image_size: int | None = options.ImageSize,
+    image_size: str | None = options.ImageSizeOption,
     layers: str | None = options.Layers,
     weights: Path | None = options.Weights,
     pretrained: str | None = options.Pretrained,

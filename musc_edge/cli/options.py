@@ -16,8 +16,12 @@ Preset = typer.Option(
 Backbone = typer.Option(
     None, "--backbone", "-b", help="Backbone, e.g. dinov2-vits14, ViT-L-14-336."
 )
-ImageSize = typer.Option(
-    None, "--image-size", "-s", help="Square input size, a multiple of the patch."
+ImageSizeOption = typer.Option(
+    None,
+    "--image-size",
+    "-s",
+    help="Input size: 224 (square) or WIDTHxHEIGHT such as 224x560 to keep a camera's "
+    "aspect; multiples of the patch.",
 )
 Layers = typer.Option(None, "--layers", help="1-based blocks, comma separated, e.g. 6,12,18,24.")
 MsmPrecision = typer.Option(
@@ -84,7 +88,7 @@ def resolve_device(device: str) -> str:
 def build_config(
     preset: str | None,
     backbone: str | None,
-    image_size: int | None,
+    image_size: str | None,
     layers: str | None,
     precision: Precision | None,
 ):

@@ -124,6 +124,12 @@ def run(
     max_pixels: int = typer.Option(
         default_of("max_pixels"), "--max-pixels", help="Refuse images declaring more pixels."
     ),
+    region: str | None = typer.Option(
+        None,
+        "--region",
+        help="Score only this box of each image, x,y,width,height in pixels (the part, not "
+        "the fixture); calibrate with the same --region.",
+    ),
     ignore: list[str] = typer.Option(
         [],
         "--ignore",
@@ -191,7 +197,7 @@ def run_line(settings: RunSettings, stop: threading.Event) -> None:
         settings.backbone_precision,
         allow_random_init=settings.allow_random_init,
     )
-    musc = MuSc.from_settings(package.musc, settings.msm_precision, window=settings.window)
+    musc = MuSc.for_package(package, settings.msm_precision, window=settings.window)
     with live_view(settings.out_dir, settings.serve, settings.allow_remote):
         line = Line(settings, package, runner, musc)
         console.print(

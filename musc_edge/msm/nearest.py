@@ -20,25 +20,30 @@ def nearest_distances(
     dtype: torch.dtype = torch.float32,
     budget_bytes: int = 256 * 2**20,
     leave_out: bool = False,
+    origin: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """(Q, L, C) queries, (R, L', C) bank -> (Q, L) distance to the nearest bank patch.
+    """(Q, L, C) queries, (R, L', C) or (M, C) bank -> (Q, L) distance to the nearest bank
+    patch.
 
-    `leave_out`: the queries are the bank itself, and each image is compared with the others
-    only (the calibration's leave-one-out scores). Blocks of query images are sized so their
-    similarity table stays within `budget_bytes`.
+    `leave_out`: the queries are the parts the bank was made from, and each is compared with
+    the others' patches only (the calibration's leave-one-out scores); `origin` (M,) names the
+    part each bank patch came from (default: the bank's first axis). Blocks of query images
+    are sized so their similarity table stays within `budget_bytes`.
     """
     num_queries, num_patches, width = queries.shape
     flat_bank = bank.reshape(-1, width).to(dtype)
+    if leave_out and origin is None:
+        origin = torch.arange(bank.shape[0], device=bank.device).repeat_interleave(bank.shape[1])
     per_image = num_patches * flat_bank.shape[0] * FLOAT32_BYTES
     rows = max(1, min(num_queries, budget_bytes // per_image))
     out = []
     for start in range(0, num_queries, rows):
         block = queries[start : start + rows].to(dtype)
         similarity = (block.reshape(-1, width) @ flat_bank.T).float()
-        similarity = similarity.view(block.shape[0], num_patches, bank.shape[0], -1)
+        similarity = similarity.view(block.shape[0], num_patches, -1)
         if leave_out:
             own = torch.arange(start, start + block.shape[0], device=similarity.device)
-            similarity[torch.arange(block.shape[0]), :, own] = -1.0
-        best = similarity.flatten(2).amax(dim=2)
-        out.append(distances(best))
+            mine = origin.to(similarity.device)[None] == own[:, None]  # (rows, M)
+            similarity.masked_fill_(mine[:, None, :], -1.0)
+        out.append(distances(similarity.amax(dim=2)))
     return torch.cat(out)

@@ -1,0 +1,58 @@
+"""Teach-in at scale: the k-centre coreset bank and the capped voters, on real bottle features."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from musc_edge import calibration as calibration_module
+from musc_edge.calibration import calibrate, load_calibration, save_calibration
+from musc_edge.coreset import k_centre
+from musc_edge.musc import MuSc
+from tests.helpers import write_package
+
+
+def test_k_centre_takes_one_patch_of_each_far_cluster_first() -> None:
+    centres = F.normalize(torch.randn(3, 16), dim=-1) * 10
+    points = torch.cat([centre + 0.01 * torch.randn(50, 16) for centre in centres])
+    chosen = k_centre([points[None]], 3)
+    assert sorted((chosen // 50).tolist()) == [0, 1, 2]
+    assert len(set(k_centre([points[None]], 150).tolist())) == 150  # all, none twice
+
+
+def bottle_calibration(tmp_path: Path, features, **options):
+    package = write_package(tmp_path / "pkg", image_size=224)
+    good = [t[:6] for t in features.tokens]  # the six good bottles
+    names = [f"good_{index}.png" for index in range(6)]
+    return package, calibrate(package, MuSc(), good, features.embeddings[:6], names, **options)
+
+
+def test_a_coreset_bank_is_bounded_and_its_scores_stay_on_the_safe_side(
+    tmp_path: Path, bottle_features
+) -> None:
+    package, full = bottle_calibration(tmp_path, bottle_features)
+    patches = 6 * bottle_features.tokens[0].shape[1]
+    _, small = bottle_calibration(tmp_path, bottle_features, bank_patches=patches // 4)
+    assert full.bank is None and all(b.shape[0] == patches // 4 for b in small.bank)
+    # a part held out against a quarter of the others' patches is never closer than against
+    # all of them: the threshold can only rise, the false rejects only fall
+    assert (small.scores >= full.scores - 1e-3).all()
+    assert small.threshold >= full.threshold
+    save_calibration(small, tmp_path / "small.safetensors")
+    loaded = load_calibration(tmp_path / "small.safetensors", package)
+    for a, b in zip(loaded.bank, small.bank, strict=True):
+        assert torch.equal(a, b)
+    queries = MuSc().pool([t[6:] for t in bottle_features.tokens])  # the six broken bottles
+    near = MuSc().bank_maps(queries, full.references()).flatten(1).amax(dim=1)
+    far = MuSc().bank_maps(queries, loaded.references()).flatten(1).amax(dim=1)
+    assert (far >= near - 1e-3).all() and (far > loaded.threshold).all()
+
+
+def test_at_most_max_voters_join_msm(tmp_path: Path, bottle_features, monkeypatch) -> None:
+    monkeypatch.setattr(calibration_module, "MAX_VOTERS", 4)
+    _, made = bottle_calibration(tmp_path, bottle_features)
+    assert made.sets[0].shape[0] == 4 and made.embeddings.shape[0] == 4
+    assert len(made.scores) == 6 and len(made) == 6
+    assert made.summary()["voters"] == 4 and made.summary()["bank_patches"] == 6 * 256

@@ -1,0 +1,69 @@
+"""A region of interest: the box parsed and checked, and a real calibrated line on the upper
+500 x 500 of KolektorSDD's commutators, with an image the box does not fit."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from musc_edge.errors import UsageError
+from musc_edge.region import Region, RegionOutsideImage
+from tests.conftest import SHARED_DATA, need
+from tests.helpers import CLI, results
+
+COMMUTATOR = SHARED_DATA / "kolektorsdd" / "commutator"
+BOX = "0,0,500,500"
+
+
+def test_a_region_is_x_y_width_height_inside_the_image() -> None:
+    assert Region.parse("10,20,30,40") == Region(10, 20, 30, 40) == Region.parse([10, 20, 30, 40])
+    image = np.arange(100 * 80).reshape(100, 80)
+    assert Region(10, 20, 30, 40).crop(image).shape == (40, 30)
+    assert Region(10, 20, 30, 40).crop(image)[0, 0] == image[20, 10]
+    with pytest.raises(RegionOutsideImage, match="does not fit this 80 x 100 image"):
+        Region(60, 0, 30, 10).crop(image)
+    for bad in ("1,2,3", "a,b,c,d", "0,0,0,5", "-1,0,5,5"):
+        with pytest.raises(UsageError, match="x,y,width,height"):
+            Region.parse(bad)
+
+
+def test_a_line_on_a_region_of_real_commutators(tmp_path: Path, vits14_package: Path) -> None:
+    need(COMMUTATOR.is_dir(), f"shared data missing: no KolektorSDD commutator at {COMMUTATOR}")
+    calibration = tmp_path / "upper.safetensors"
+    calibrate = [
+        *CLI, "calibrate", "--model", str(vits14_package), "--good",
+        str(COMMUTATOR / "train" / "good"), "--parts", "6", "--region", BOX,
+        "--out", str(calibration),
+    ]  # fmt: skip
+    done = subprocess.run(calibrate, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    camera = tmp_path / "camera"
+    camera.mkdir()
+    for path in sorted((COMMUTATOR / "test" / "good").iterdir())[:3]:
+        shutil.copy(path, camera / path.name)
+    small = cv2.imread(str(next((COMMUTATOR / "test" / "good").iterdir())))[:400, :400]
+    cv2.imwrite(str(camera / "zz_small.png"), small)  # a camera switched to a smaller frame
+    run = [
+        *CLI, "run", "--camera-dir", str(camera), "--model", str(vits14_package), "--once",
+        "--settle", "0", "--batch-size", "4", "--engine", "onnxruntime",
+        "--calibration", str(calibration),
+    ]  # fmt: skip
+    whole = subprocess.run([*run, "--out", str(tmp_path / "whole")], capture_output=True, text=True)
+    assert whole.returncode != 0 and "calibrate again with the line's --region" in whole.stderr
+    assert "Traceback" not in whole.stderr
+    done = subprocess.run(
+        [*run, "--region", BOX, "--out", str(tmp_path / "out")], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    records = {record["file"]: record for record in results(tmp_path / "out")}
+    assert len(records) == 4
+    assert "does not fit this 400 x 400 image" in records["zz_small.png"]["error"]
+    scored = [record for name, record in records.items() if name != "zz_small.png"]
+    assert all(r["error"] is None and r["calibrated"] for r in scored)
+    for record in scored:  # the overlay shows the region, not the whole frame
+        assert cv2.imread(str(tmp_path / "out" / record["overlay"])).shape[:2] == (500, 500)

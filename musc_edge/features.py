@@ -39,13 +39,13 @@ class Features:
 
 
 def load_images(
-    paths: Sequence[Path], preprocess: Preprocess
+    paths: Sequence[Path], preprocess: Preprocess, full_resolution: bool = False
 ) -> tuple[np.ndarray, list[Path], list[Failure]]:
     """Decode and preprocess; unreadable files become failures instead of exceptions."""
     arrays, good, failures = [], [], []
     for path in paths:
         try:
-            arrays.append(preprocess(read_image(path)))
+            arrays.append(preprocess(read_image(path, full_resolution=full_resolution)))
             good.append(Path(path))
         except ImageReadError as error:
             failures.append(Failure(Path(path), str(error)))
@@ -61,13 +61,15 @@ def extract_features(
     extractor: Extractor,
     batch_size: int = 8,
     on_batch: Callable[[int], None] | None = None,
+    full_resolution: bool = False,
 ) -> Features:
-    """Run the extractor over all paths in mini-batches; `on_batch(n)` reports progress."""
+    """Run the extractor over all paths in mini-batches; `on_batch(n)` reports progress;
+    `full_resolution`: large images are not decoded reduced (a region is cut from them)."""
     tokens: list[list[torch.Tensor]] = []
     embeddings, good, failures = [], [], []
     for start in range(0, len(paths), batch_size):
         chunk = paths[start : start + batch_size]
-        batch, chunk_good, chunk_failures = load_images(chunk, preprocess)
+        batch, chunk_good, chunk_failures = load_images(chunk, preprocess, full_resolution)
         failures += chunk_failures
         if chunk_good:
             layer_tokens, embedding = extractor(batch)

@@ -117,14 +117,18 @@ def probe_image(path: Path) -> ImageInfo:
 
 
 def read_image(
-    path: Path, max_pixels: int = DEFAULT_MAX_PIXELS, info: ImageInfo | None = None
+    path: Path,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    info: ImageInfo | None = None,
+    full_resolution: bool = False,
 ) -> np.ndarray:
     """Decode a file to an 8-bit (H, W, 3) BGR array, whatever its depth or channel count.
 
     The header is checked first: more than `max_pixels` is refused before any decoding, and
-    very large images are decoded reduced. 16-bit images are scaled to 8 bits, grayscale is
-    replicated to three channels and alpha is dropped, so that unusual but valid camera
-    formats score like ordinary ones. Multi-page files give their first page.
+    very large images are decoded reduced, unless `full_resolution` (a region of interest is
+    given in the file's own pixels, and wants them all). 16-bit images are scaled to 8 bits,
+    grayscale is replicated to three channels and alpha is dropped, so that unusual but valid
+    camera formats score like ordinary ones. Multi-page files give their first page.
     """
     path = Path(path)
     info = info or probe_image(path)
@@ -137,7 +141,8 @@ def read_image(
         data = np.fromfile(path, dtype=np.uint8)
     except OSError as error:
         raise ImageReadError(f"{path}: cannot read ({error.strerror})") from None
-    reduce = next((f for f in _REDUCED if min(info.width, info.height) // f >= REDUCED_SIDE), 1)
+    side = min(info.width, info.height)
+    reduce = 1 if full_resolution else next((f for f in _REDUCED if side // f >= REDUCED_SIDE), 1)
     try:
         image = cv2.imdecode(data, _REDUCED[reduce] if reduce > 1 else cv2.IMREAD_UNCHANGED)
     except cv2.error as error:

@@ -16,6 +16,7 @@ import numpy as np
 
 from musc_edge.errors import UsageError
 from musc_edge.images import ImageReadError, Preprocess
+from musc_edge.size import ImageSize
 
 
 class RegionOutsideImage(ImageReadError):
@@ -33,7 +34,7 @@ class Region:
 
     @classmethod
     def parse(cls, value: Region | str | Sequence[int]) -> Region:
-        """ "x,y,width,height" or [x, y, width, height]."""
+        """Read "x,y,width,height" or [x, y, width, height]."""
         if isinstance(value, Region):
             return value
         parts = value.split(",") if isinstance(value, str) else list(value)
@@ -67,14 +68,14 @@ class Region:
 
 @dataclass(frozen=True)
 class CroppedPreprocess:
-    """A package's preprocessing applied to the region only (calibration and evaluation
-    read images through it, so their parts are cut exactly as the line cuts them)."""
+    """A package's preprocessing applied to the region only (`calibrate` reads the good
+    parts through it, so they are cut exactly as the line cuts every image)."""
 
     preprocess: Preprocess
     region: Region
 
     @property
-    def image_size(self):
+    def image_size(self) -> ImageSize:
         return self.preprocess.image_size
 
     def __call__(self, image_bgr: np.ndarray) -> np.ndarray:

@@ -103,8 +103,10 @@ class CameraDir:
         max_bytes: int = DEFAULT_MAX_BYTES,
         answered_content: set[tuple[str, str]] | None = None,
         ignore: tuple[str, ...] = (),
+        full_resolution: bool = False,  # a region cuts the part out: no reduced decoding
     ) -> None:
         self.given = Path(root).absolute()
+        self.full_resolution = full_resolution
         self.root = self.given.resolve()
         self.problem: str | None = None  # why the folder cannot be watched now, or None
         self.ignore = ignore
@@ -238,7 +240,7 @@ class CameraDir:
         try:
             digest = file_sha256(path)
             header = probe_image(path)
-            image = read_image(path, self.max_pixels, header)
+            image = read_image(path, self.max_pixels, header, self.full_resolution)
             info = path.stat()
         except OSError as error:
             state.failure = f"{path}: cannot read ({error.strerror})"

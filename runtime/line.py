@@ -99,6 +99,7 @@ class LineParts:
             max_pixels=settings.max_pixels,
             answered_content=journal.contents,
             ignore=settings.ignore,
+            full_resolution=settings.region is not None,
         )
         known_good = None
         if settings.calibration is not None:

@@ -46,8 +46,12 @@ def test_a_line_on_a_region_of_real_commutators(tmp_path: Path, vits14_package: 
     camera.mkdir()
     for path in sorted((COMMUTATOR / "test" / "good").iterdir())[:3]:
         shutil.copy(path, camera / path.name)
-    small = cv2.imread(str(next((COMMUTATOR / "test" / "good").iterdir())))[:400, :400]
-    cv2.imwrite(str(camera / "zz_small.png"), small)  # a camera switched to a smaller frame
+    first = sorted((COMMUTATOR / "test" / "good").iterdir())[0]
+    part = cv2.imread(str(first), cv2.IMREAD_GRAYSCALE)
+    cv2.imwrite(str(camera / "zz_small.png"), part[:400, :400])  # a smaller camera frame
+    frame = np.zeros((2100, 2100), np.uint8)  # a large frame: decoded whole, not reduced
+    frame[: part.shape[0], : part.shape[1]] = part
+    cv2.imwrite(str(camera / "zz_large.png"), frame)
     run = [
         *CLI, "run", "--camera-dir", str(camera), "--model", str(vits14_package), "--once",
         "--settle", "0", "--batch-size", "4", "--engine", "onnxruntime",
@@ -61,8 +65,11 @@ def test_a_line_on_a_region_of_real_commutators(tmp_path: Path, vits14_package: 
     )
     assert done.returncode == 0, done.stdout + done.stderr
     records = {record["file"]: record for record in results(tmp_path / "out")}
-    assert len(records) == 4
+    assert len(records) == 5
     assert "does not fit this 400 x 400 image" in records["zz_small.png"]["error"]
+    # the same pixels in the box, from the part's own file and from the large frame
+    same = records["zz_large.png"]["score"] - records[first.name]["score"]
+    assert abs(same) < 1e-4
     scored = [record for name, record in records.items() if name != "zz_small.png"]
     assert all(r["error"] is None and r["calibrated"] for r in scored)
     for record in scored:  # the overlay shows the region, not the whole frame

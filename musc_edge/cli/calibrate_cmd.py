@@ -89,6 +89,7 @@ def calibrate(
                 runner,
                 batch_size=package.max_batch,
                 on_batch=lambda count: bar.advance(task, count),
+                full_resolution=box is not None,
             )
             bar.update(task, description="scoring the parts against each other")
             files = [str(path.relative_to(good)) for path in features.paths]

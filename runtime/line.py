@@ -133,6 +133,7 @@ class LineParts:
             "musc": {"r_list": musc.r_list, "frac": musc.frac, "k_list": musc.k_list},
             "threshold_basis": verdicts.basis,
             "calibration": str(settings.calibration) if settings.calibration else None,
+            "region": list(settings.region) if settings.region else None,  # x, y, width, height
             "known_good_parts": len(known_good) if known_good else 0,
             # how sure the calibration's threshold is (musc_edge/calibration.py)
             "frr_upper_bound": (

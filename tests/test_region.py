@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 from pathlib import Path
@@ -72,5 +73,7 @@ def test_a_line_on_a_region_of_real_commutators(tmp_path: Path, vits14_package: 
     assert abs(same) < 1e-4
     scored = [record for name, record in records.items() if name != "zz_small.png"]
     assert all(r["error"] is None and r["calibrated"] for r in scored)
+    manifest = json.loads(next((tmp_path / "out").rglob("manifest.json")).read_text())
+    assert manifest["region"] == [0, 0, 500, 500]  # each batch's manifest names the box
     for record in scored:  # the overlay shows the region, not the whole frame
         assert cv2.imread(str(tmp_path / "out" / record["overlay"])).shape[:2] == (500, 500)

@@ -130,7 +130,7 @@ class Calibration:
         return {
             "parts": len(self),
             "voters": self.sets[0].shape[0],
-            "bank_patches": self.references().patches(0).shape[0],
+            "bank_patches": len(self.bank[0]) if self.bank else self.sets[0][:, :, 0].numel(),
             "aligned": self.aligned,
             "score_median": float(scores.median()),
             "score_min": float(scores.min()),

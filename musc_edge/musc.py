@@ -104,25 +104,35 @@ class References:
         return self.sets[index].reshape(-1, self.sets[index].shape[-1])
 
     def join(self, other: References | None) -> References:
-        """These references and `other`'s, as one set of voters (our positional spread)."""
+        """These references and `other`'s as one set of voters (our positional spread).
+
+        The voters are all MSM needs; a separate bank is left out, since copying up to a
+        coreset's 32768 patches per set for every scored batch would buy nothing (the bank
+        maps are measured against the known-good references alone). `grow` keeps it."""
         if other is None or not len(other):
             return self
         if not len(self):
-            return replace(other, aligned_spread=self.aligned_spread or other.aligned_spread)
-        bank = None
-        if self.bank is not None or other.bank is not None:
-            count = len(self.sets)
-            bank = [
-                torch.cat([self.patches(i), other.patches(i).to(self.patches(i))])
-                for i in range(count)
-            ]
+            return replace(
+                other, aligned_spread=self.aligned_spread or other.aligned_spread, bank=None
+            )
         return References(
             [torch.cat([a, b.to(a.dtype)]) for a, b in zip(self.sets, other.sets, strict=True)],
             torch.cat([self.embeddings, other.embeddings.to(self.embeddings)]),
             torch.cat([self.raw_scores, other.raw_scores.to(self.raw_scores)]),
             self.aligned_spread or other.aligned_spread,
-            bank,
         )
+
+    def grow(self, other: References) -> References:
+        """These known-good references with `other`'s parts added as voters and, when there is
+        a separate bank, to the bank as well (a part joining with --refresh-references)."""
+        grown = self.join(other)
+        if self.bank is None:
+            return grown
+        bank = [
+            torch.cat([patches, other.patches(i).to(patches)])
+            for i, patches in enumerate(self.bank)
+        ]
+        return replace(grown, bank=bank)
 
 
 @dataclass

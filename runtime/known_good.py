@@ -58,7 +58,7 @@ class KnownGood:
             torch.stack([j.embedding for j in self.joined]),
             torch.tensor([j.raw_score for j in self.joined]),
         )
-        return self.base.join(extra)
+        return self.base.grow(extra)
 
     def offer(self, joined: Joined, score: float) -> bool:
         """Let a part join if refreshing is on and it scored at or below the margin."""

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from musc_edge import calibration as calibration_module
 from musc_edge.calibration import calibrate, load_calibration, save_calibration
 from musc_edge.coreset import k_centre
-from musc_edge.musc import MuSc
+from musc_edge.musc import MuSc, References
+from musc_edge.runtime.known_good import Joined, KnownGood
 from tests.helpers import write_package
 
 
@@ -56,3 +57,22 @@ def test_at_most_max_voters_join_msm(tmp_path: Path, bottle_features, monkeypatc
     assert made.sets[0].shape[0] == 4 and made.embeddings.shape[0] == 4
     assert len(made.scores) == 6 and len(made) == 6
     assert made.summary()["voters"] == 4 and made.summary()["bank_patches"] == 6 * 256
+
+
+def test_a_joining_part_grows_the_bank_but_scoring_does_not_copy_it(
+    tmp_path: Path, bottle_features
+) -> None:
+    patches = 6 * bottle_features.tokens[0].shape[1]
+    _, small = bottle_calibration(tmp_path, bottle_features, bank_patches=patches // 4)
+    known_good = KnownGood(small, refresh=2)
+    base = known_good.references()
+    sets = [z[0] for z in MuSc().pool([t[:1] for t in bottle_features.tokens])]
+    joined = Joined("good_0.png", sets, bottle_features.embeddings[0], 0.0)
+    assert known_good.offer(joined, score=0.0)
+    grown = known_good.references()
+    assert len(grown) == len(base) + 1
+    assert grown.bank[0].shape[0] == patches // 4 + sets[0].shape[0]
+    # the voters MSM sees for a batch: the window's and the known-good parts', no bank copy
+    window = References([z[:1] for z in base.sets], base.embeddings[:1], base.raw_scores[:1])
+    voters = window.join(grown)
+    assert voters.bank is None and len(voters) == 1 + len(grown)

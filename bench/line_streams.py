@@ -13,6 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from musc_edge.bench.datasets import load_samples
 from musc_edge.bench.metrics import image_metrics
 from musc_edge.bench.streams import (
@@ -27,9 +29,10 @@ from musc_edge.errors import UsageError
 from musc_edge.images import list_images
 from musc_edge.musc import MuSc
 from musc_edge.package import ModelPackage
+from musc_edge.runtime.inspections import margin
 from musc_edge.runtime.line import Line
 from musc_edge.runtime.runners import Runner
-from musc_edge.runtime.settings import LineSettings
+from musc_edge.runtime.settings import LineSettings, settings_problem
 from musc_edge.runtime.verdicts import ANOMALOUS
 
 
@@ -39,7 +42,7 @@ class StreamSource:
 
     dataset_root: Path
     category: str
-    calibration: Path | None = None  # its parts are never put into a stream
+    calibrations: tuple[Path, ...] = ()  # their parts are never put into a stream
 
     def test_samples(self):
         return load_samples("mvtec", self.dataset_root, self.category)
@@ -48,10 +51,10 @@ class StreamSource:
         return self.dataset_root / self.category / "train" / "good"
 
     def unused_good(self) -> list[Path]:
-        """The category's train/good images the calibration did not use."""
-        used = set()
-        if self.calibration is not None:
-            used = {Path(name).name for name in load_calibration(self.calibration).files}
+        """The category's train/good images no calibration used."""
+        used = {
+            Path(name).name for path in self.calibrations for name in load_calibration(path).files
+        }
         return [path for path in list_images(self.good_folder()) if path.name not in used]
 
 
@@ -103,6 +106,14 @@ STREAMS: dict[str, Callable[[StreamSource], list[Part]]] = {
 }
 
 
+def ranking_score(record) -> float:
+    """What parts are ranked by: the score, or with several inspection items (each in its own
+    units) the largest of their scores over their thresholds."""
+    if not record.items:
+        return record.score
+    return max(margin(item) for item in record.items)
+
+
 def stream_report(parts: list[Part], records: list) -> dict:
     """Recall, false-reject rate, AUROC of `score` and flags, from the line's records."""
     truth = {part.name: part for part in parts}
@@ -118,7 +129,7 @@ def stream_report(parts: list[Part], records: list) -> dict:
         "false_rejects": sum(good),
         "good": len(good),
         "frr": 100 * sum(good) / len(good) if good else None,
-        "auroc": image_metrics(labels, [r.score for r in scored])["auroc"]
+        "auroc": image_metrics(labels, [ranking_score(r) for r in scored])["auroc"]
         if 0 < sum(labels) < len(labels)
         else None,
         "uncalibrated_records": sum(not r.calibrated for r in scored),
@@ -142,6 +153,16 @@ def stream_report(parts: list[Part], records: list) -> dict:
     return report
 
 
+def line_settings_of(camera: Path, out: Path, settings: dict) -> LineSettings:
+    """The line's settings for one stream, or a one-line UsageError naming the bad option."""
+    try:
+        return LineSettings(camera, out, watch=False, settle=0.0, poll=0.05, **settings)
+    except ValidationError as error:
+        raise UsageError(
+            settings_problem(error, lambda key: "--" + key.replace("_", "-"))
+        ) from None
+
+
 def run_stream(
     parts: list[Part],
     package: ModelPackage,
@@ -154,7 +175,7 @@ def run_stream(
     with tempfile.TemporaryDirectory(dir=work) as scratch:
         camera, out = Path(scratch) / "camera", Path(scratch) / "results"
         write_stream(parts, camera)
-        line_settings = LineSettings(camera, out, watch=False, settle=0.0, poll=0.05, **settings)
+        line_settings = line_settings_of(camera, out, settings)
         started = time.perf_counter()
         line = Line(line_settings, package, runner, musc)
         line.run()

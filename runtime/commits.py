@@ -14,11 +14,12 @@ from pathlib import Path
 
 from musc_edge.profile import Profile
 from musc_edge.runtime.camera import Arrival
+from musc_edge.runtime.inspections import Inspection, item_result, worst
 from musc_edge.runtime.journal import Journal
 from musc_edge.runtime.outputs import set_aside, visual_paths
 from musc_edge.runtime.record import ResultRecord, Timings
 from musc_edge.runtime.schedulers import Scheduler
-from musc_edge.runtime.scoring import Answer
+from musc_edge.runtime.scoring import PartAnswers
 from musc_edge.runtime.sinks import CommitContext, Sink
 from musc_edge.runtime.verdicts import Verdict
 
@@ -32,11 +33,13 @@ class Committer:
         journal: Journal,
         sinks: dict[str, Sink],
         scheduler: Scheduler,
+        inspections: Sequence[Inspection],
         mode: str,
         model_sha256: str,
         profile: Profile,
     ) -> None:
         self.out_dir = out_dir
+        self.inspections = inspections
         self.journal = journal
         self.sinks = sinks  # by name, in the order they are called
         self.profile = profile
@@ -45,18 +48,21 @@ class Committer:
         self.model_sha256 = model_sha256
 
     def answers(
-        self, answers: Sequence[Answer], verdicts: Sequence[Verdict], scoring: Profile
+        self,
+        parts: Sequence[PartAnswers],
+        verdicts: Sequence[Sequence[Verdict]],
+        scoring: Profile,
     ) -> tuple[list[ResultRecord], float]:
-        """Commit scored images; returns their records and the batch latency (ms: the last
-        image ready -> committed)."""
+        """Commit scored images (each part's answers and verdicts, one per inspection item);
+        returns their records and the batch latency (ms: the last image ready -> committed)."""
         batch = self.scheduler.batch_number(self.journal)
         now = time.monotonic()
         records = [
-            self.scored(answer, verdict, batch, now, scoring)
-            for answer, verdict in zip(answers, verdicts, strict=True)
+            self.scored(answers, part_verdicts, batch, now, scoring)
+            for answers, part_verdicts in zip(parts, verdicts, strict=True)
         ]
-        batch_ms = (now - max(a.item.arrival.ready_at for a in answers)) * 1000
-        answers_by_file = {answer.item.arrival.file: answer for answer in answers}
+        batch_ms = (now - max(answers[0].item.arrival.ready_at for answers in parts)) * 1000
+        answers_by_file = {answers[0].item.arrival.file: answers for answers in parts}
         self._commit(records, CommitContext(batch, answers_by_file, batch_ms))
         return records, batch_ms
 
@@ -78,25 +84,40 @@ class Committer:
         return records
 
     def scored(
-        self, answer: Answer, verdict: Verdict, batch: int, now: float, scoring: Profile
+        self,
+        answers: PartAnswers,
+        verdicts: Sequence[Verdict],
+        batch: int,
+        now: float,
+        scoring: Profile,
     ) -> ResultRecord:
-        item = answer.item
-        overlay, mask = visual_paths(batch, item.arrival.file, verdict.threshold is not None)
+        """A part's record: its worst item's verdict, and every item's when there are several."""
+        results = [
+            item_result(inspection, answer, verdict)
+            for inspection, answer, verdict in zip(self.inspections, answers, verdicts, strict=True)
+        ]
+        index = worst(results)
+        result, verdict, item = results[index], verdicts[index], answers[index].item
+        overlay, mask = visual_paths(batch, item.arrival.file, result.threshold is not None)
         latency = (now - item.arrival.ready_at) * 1000
-        notes = (item.arrival.note, answer.warning, verdict.why)
+        warnings = dict.fromkeys(answer.warning for answer in answers)  # the same per item
+        notes = (item.arrival.note, *warnings, verdict.why)
+        named = self.inspections[0].name is not None
         return self.record(
             item.arrival,
             batch,
-            score=answer.score,
-            raw_score=answer.raw_score,
-            reference_score=answer.reference_score,
-            label=verdict.label,
-            threshold=verdict.threshold,
-            threshold_basis=verdict.basis,
-            calibrated=verdict.calibrated,
-            shift=verdict.shift,
-            repeated=verdict.repeated,
-            joined_references=verdict.joined,
+            score=result.score,
+            raw_score=result.raw_score,
+            reference_score=result.reference_score,
+            label=result.label,
+            threshold=result.threshold,
+            threshold_basis=result.threshold_basis,
+            calibrated=all(r.calibrated for r in results),
+            shift=any(r.shift for r in results),
+            repeated=any(r.repeated for r in results),
+            joined_references=result.joined_references,
+            items=results if named else None,
+            item=result.name if named else None,
             overlay=overlay,
             mask=mask,
             warning="; ".join(filter(None, notes)) or None,

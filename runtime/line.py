@@ -14,23 +14,23 @@ import threading
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
 
-from musc_edge.calibration import load_calibration
 from musc_edge.errors import UsageError
 from musc_edge.musc import MuSc
 from musc_edge.package import ModelPackage
 from musc_edge.parallel import usable_cores
 from musc_edge.profile import Profile
-from musc_edge.region import Region, RegionOutsideImage
+from musc_edge.region import RegionOutsideImage
 from musc_edge.runtime.camera import Arrival, CameraDir
 from musc_edge.runtime.commits import Committer
 from musc_edge.runtime.counts import Counts
 from musc_edge.runtime.health import LineHealth
+from musc_edge.runtime.inspections import Inspection, inspections_of
 from musc_edge.runtime.journal import Journal
-from musc_edge.runtime.known_good import KnownGood
 from musc_edge.runtime.lock import OutFolderLock
 from musc_edge.runtime.outputs import preview
 from musc_edge.runtime.record import ResultRecord
@@ -39,7 +39,6 @@ from musc_edge.runtime.schedulers import SCHEDULERS, Scheduler, Scored
 from musc_edge.runtime.scoring import Item
 from musc_edge.runtime.settings import LineSettings
 from musc_edge.runtime.sinks import SinkSetup, open_sinks
-from musc_edge.runtime.verdicts import Verdicts
 
 
 def overlap_helps() -> bool:
@@ -73,7 +72,7 @@ class LineParts:
     journal: Journal
     health: LineHealth
     camera: CameraDir
-    verdicts: Verdicts
+    inspections: list[Inspection]  # the whole image, its region, or its items
     scheduler: Scheduler
     committer: Committer
 
@@ -99,16 +98,10 @@ class LineParts:
             max_pixels=settings.max_pixels,
             answered_content=journal.contents,
             ignore=settings.ignore,
-            full_resolution=settings.region is not None,
+            full_resolution=settings.boxed,
         )
-        known_good = None
-        if settings.calibration is not None:
-            calibration = load_calibration(settings.calibration, package)
-            calibration.check_region(region_of(settings), settings.calibration)
-            known_good = KnownGood(calibration, settings.refresh_references, musc.precision.dtype)
-        verdicts = Verdicts.for_line(
-            settings.threshold, known_good, journal.records(), settings.batch_size
-        )
+        inspections = inspections_of(settings, package, musc.precision.dtype, journal.records)
+        known_good = [inspection.known_good for inspection in inspections]
         overlap = overlap_helps() if settings.overlap is None else settings.overlap
         options = {"overlap": overlap} if settings.mode == "batch" else {}
         scheduler = SCHEDULERS[settings.mode](
@@ -131,37 +124,72 @@ class LineParts:
             "msm_precision": musc.precision.value,
             "window": musc.window,  # positional MSM (docs/positional.md), None: global
             "musc": {"r_list": musc.r_list, "frac": musc.frac, "k_list": musc.k_list},
-            "threshold_basis": verdicts.basis,
-            "calibration": str(settings.calibration) if settings.calibration else None,
-            "region": list(settings.region) if settings.region else None,  # x, y, width, height
-            "known_good_parts": len(known_good) if known_good else 0,
-            # how sure the calibration's threshold is (musc_edge/calibration.py)
-            "frr_upper_bound": (
-                known_good.calibration.summary()["frr_upper_bound"] if known_good else None
-            ),
+            **inspections_info(inspections),
             "map_norm": settings.map_norm.value,
             "overlap": bool(options.get("overlap")),
         }
         setup = SinkSetup(out_dir, journal, run_info, health=health)
         sinks = open_sinks(setup, settings.sinks)
         mode = settings.mode.value
-        committer = Committer(out_dir, journal, sinks, scheduler, mode, package.sha256, profile)
-        return cls(journal, health, camera, verdicts, scheduler, committer)
+        committer = Committer(
+            out_dir, journal, sinks, scheduler, inspections, mode, package.sha256, profile
+        )
+        return cls(journal, health, camera, inspections, scheduler, committer)
 
 
-def region_of(settings: LineSettings) -> Region | None:
-    return None if settings.region is None else Region(*settings.region)
+def inspections_info(inspections: list[Inspection]) -> dict[str, Any]:
+    """What the run's manifest says of the line's inspection: the one inspection's box and
+    threshold, or every item's and their sum (a part is rejected when any item is, so its
+    false-reject bound is at most the items' bounds added up)."""
+    infos = [inspection_info(inspection) for inspection in inspections]
+    if inspections[0].name is None:
+        return {**infos[0], "items": []}
+    bases = {info["threshold_basis"] for info in infos}
+    bounds = [info["frr_upper_bound"] for info in infos]
+    return {
+        "threshold_basis": bases.pop() if len(bases) == 1 else "mixed",
+        "calibration": None,
+        "region": None,
+        "known_good_parts": min(info["known_good_parts"] for info in infos),
+        "frr_upper_bound": None if None in bounds else min(1.0, sum(bounds)),
+        "items": [
+            {"name": inspection.name, **info}
+            for inspection, info in zip(inspections, infos, strict=True)
+        ],
+    }
 
 
-def crop_arrival(arrival: Arrival, region: Region) -> None:
-    """Cut a decoded image to the line's region; one the box does not fit becomes an error
-    record (the rest of the batch is still scored)."""
+def inspection_info(inspection: Inspection) -> dict[str, Any]:
+    """One inspection's box and where its threshold comes from."""
+    known_good = inspection.known_good
+    return {
+        "threshold_basis": inspection.verdicts.basis,
+        "calibration": str(inspection.calibration) if inspection.calibration else None,
+        "region": inspection.region.to_json() if inspection.region else None,  # x, y, w, h
+        "known_good_parts": len(known_good) if known_good else 0,
+        # how sure the calibration's threshold is (musc_edge/calibration.py)
+        "frr_upper_bound": (
+            known_good.calibration.summary()["frr_upper_bound"] if known_good else None
+        ),
+    }
+
+
+def cut_arrival(arrival: Arrival, inspections: list[Inspection]) -> list[np.ndarray]:
+    """A decoded image's pixels for each inspection item; an image that does not hold an
+    item's box becomes an error record (the rest of the batch is still scored)."""
     if arrival.image is None:
-        return
+        return []
+    cuts = []
     try:
-        arrival.image = region.crop(arrival.image)
+        for inspection in inspections:
+            cuts.append(inspection.cut(arrival.image))
     except RegionOutsideImage as error:
-        arrival.image, arrival.error = None, str(error)
+        named = "" if inspection.name is None else f"item {inspection.name}: "
+        arrival.error = f"{named}{error}"
+        return []
+    finally:
+        arrival.image = None  # the cuts (views of it) and their previews are all that is kept
+    return cuts
 
 
 def refuse_other_model(journal: Journal, package: ModelPackage) -> None:
@@ -193,7 +221,6 @@ class Line:
         self.settings = settings
         self.runner = runner
         self.preprocess = package.preprocessing()
-        self.region = region_of(settings)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.on_update = on_update or (lambda stats: None)
         self.stats = LineStats()
@@ -205,10 +232,10 @@ class Line:
             raise
         parts = self.parts
         self.journal, self.camera = parts.journal, parts.camera
-        self.scheduler, self.verdicts = parts.scheduler, parts.verdicts
+        self.scheduler, self.inspections = parts.scheduler, parts.inspections
         self.stats.resumed = len(parts.journal.keys)
         self.stats.dropped = parts.journal.dropped_lines
-        self.stats.calibrated = self.verdicts.calibrated
+        self.stats.calibrated = all(i.verdicts.calibrated for i in self.inspections)
 
     def run(self, stop: threading.Event | None = None) -> LineStats:
         """Until stopped (watch) or until the folder is done (once); returns the totals."""
@@ -249,50 +276,61 @@ class Line:
 
     def _receive(self, arrivals: list[Arrival]) -> None:
         """Errors are recorded at once; images get their features now, not when scored."""
-        if self.region is not None:
-            for arrival in arrivals:
-                crop_arrival(arrival, self.region)
+        cuts = [cut_arrival(arrival, self.inspections) for arrival in arrivals]
         failures = [a for a in arrivals if a.error is not None]
         if failures:
             self._count(self.parts.committer.failures(failures))
-        good = [a for a in arrivals if a.error is None]
+        good = [(a, cut) for a, cut in zip(arrivals, cuts, strict=True) if a.error is None]
         if not good:
             return
         features = Profile()
+        per_inspection = []
         with features.stage("features"):
-            tokens, embeddings = self.runner(np.stack([self.preprocess(a.image) for a in good]))
+            for index, inspection in enumerate(self.inspections):
+                images = [cut[index] for _, cut in good]
+                per_inspection.append((inspection, images, self._features(images)))
         self.stats.profile.add(features)
         per_image_ms = features.ms["features"] / len(good)
-        tokens = [layer.to(self.device, torch.float32) for layer in tokens]
-        embeddings = embeddings.to(self.device, torch.float32)
-        items = []
-        for index, arrival in enumerate(good):
-            items.append(
-                Item(
-                    arrival,
-                    [layer[index] for layer in tokens],
-                    embeddings[index],
-                    preview(arrival.image),
-                    arrival.shape,
-                    per_image_ms,
+        parts = [[] for _ in good]
+        for inspection, images, (tokens, embeddings) in per_inspection:
+            for index, (arrival, _) in enumerate(good):
+                parts[index].append(
+                    Item(
+                        arrival,
+                        [layer[index] for layer in tokens],
+                        embeddings[index],
+                        preview(images[index]),
+                        arrival.shape,
+                        per_image_ms,
+                        inspection.region,
+                    )
                 )
-            )
-            arrival.image = None  # the preview is all that is kept
-        for scored in self.scheduler.add(items):
+        for scored in self.scheduler.add(parts):
             self._commit(scored)
+
+    def _features(self, images: list[np.ndarray]) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """The backbone's tokens (per layer) and embeddings of the images, on the scoring
+        device in float32."""
+        tokens, embeddings = self.runner(np.stack([self.preprocess(image) for image in images]))
+        tokens = [layer.to(self.device, torch.float32) for layer in tokens]
+        return tokens, embeddings.to(self.device, torch.float32)
 
     def _commit(self, scored: Scored) -> None:
         """One commit of scored images: verdicts, then records through every sink."""
-        answers, scoring = scored
-        if not answers:
+        parts, scoring = scored
+        if not parts:
             return
         self.stats.profile.add(scoring)
-        verdicts = self.verdicts.decide(answers)
-        records, batch_ms = self.parts.committer.answers(answers, verdicts, scoring)
+        per_inspection = [
+            inspection.verdicts.decide([answers[index] for answers in parts])
+            for index, inspection in enumerate(self.inspections)
+        ]
+        verdicts = [list(part) for part in zip(*per_inspection, strict=True)]
+        records, batch_ms = self.parts.committer.answers(parts, verdicts, scoring)
         stats = self.stats
         stats.last_batch_ms = batch_ms
         stats.batches += 1
-        stats.threshold = verdicts[0].threshold
+        stats.threshold = records[0].threshold
         stats.image_ms.extend(record.timings.latency_ms for record in records)
         self._count(records)
 

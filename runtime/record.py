@@ -44,6 +44,26 @@ class Timings:
     stages_ms: dict[str, float] | None = None
 
 
+@dataclass
+class ItemResult:
+    """One inspection item's verdict within an image's record (runtime/inspections.py)."""
+
+    __pydantic_config__ = ConfigDict(extra="forbid")
+
+    name: str
+    region: list[int] | None  # x, y, width, height
+    score: float
+    raw_score: float
+    reference_score: float | None
+    label: str | None
+    threshold: float | None
+    threshold_basis: str
+    calibrated: bool
+    shift: bool
+    repeated: bool
+    joined_references: bool
+
+
 def utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
@@ -81,6 +101,10 @@ class ResultRecord:
     # only for a name that is not UTF-8: its exact bytes, base64 (`file` shows them as \xNN)
     file_bytes_b64: str | None = None
     model_sha256: str | None = None  # the model package that scored it (package.sha256)
+    # a line with several inspection items: each item's verdict, and the item the record's
+    # own verdict, score and threshold are taken from (the worst one)
+    items: list[ItemResult] | None = None
+    item: str | None = None
     commit: StrictInt = 0  # the journal commit that holds this record, and that commit's size
     commit_lines: StrictInt = 0
 
@@ -142,6 +166,7 @@ TABLE_COLUMNS = tuple(
         "commit",
         "commit_lines",
         "model_sha256",
+        "items",
     )
     for name in (
         [t.name for t in fields(Timings) if t.name != "stages_ms"]

@@ -1,6 +1,8 @@
 """When the line scores: a scheduler per `--mode`, behind one interface.
 
-The line's loop takes files, extracts their features and hands the items to its scheduler;
+The line's loop takes files, extracts their features and hands the parts to its scheduler (a
+part: one item per inspection item of the image, `runtime/inspections.py`, scored each against
+the same item of the other parts and answered together);
 the scheduler says how many files to take next (`room`), which answers are ready to commit
 (those `add` yields at once, then `ready`, in commit order), whether it still holds anything
 (`busy`), and which batch number the next commit gets. Batch and rolling mode differ only
@@ -27,12 +29,19 @@ from musc_edge.musc import MuSc
 from musc_edge.profile import Profile
 from musc_edge.runtime.journal import Journal
 from musc_edge.runtime.known_good import KnownGood
-from musc_edge.runtime.scoring import Answer, Item, RollingScorer, Window, score_batch
+from musc_edge.runtime.scoring import (
+    Part,
+    PartAnswers,
+    RollingScorer,
+    Window,
+    per_part,
+    score_batch,
+)
 
-Scored = tuple[list[Answer], Profile]  # answers and the stage times of their scoring
+Scored = tuple[list[PartAnswers], Profile]  # answers per part and the stage times
 
 
-def profiled(score: Callable[[Profile], list[Answer]]) -> Scored:
+def profiled(score: Callable[[Profile], list[PartAnswers]]) -> Scored:
     """`score(profile)`'s answers and its stage times, the whole call as "score" (in
     whichever thread it runs)."""
     profile = Profile()
@@ -49,14 +58,14 @@ class Scheduler:
         musc: MuSc,
         batch_size: int,
         map_norm: str,
-        known_good: KnownGood | None,
+        known_good: list[KnownGood | None],
         max_batch: int,
         max_wait: float | None,
     ) -> None:
         self.musc = musc
         self.batch_size = batch_size
         self.map_norm = map_norm
-        self.known_good = known_good
+        self.known_good = known_good  # per inspection item
         self.max_batch = max_batch
         self.max_wait = max_wait  # None: no time limit (the run ends with --once)
 
@@ -64,8 +73,8 @@ class Scheduler:
         """How many files to take now."""
         raise NotImplementedError
 
-    def add(self, items: list[Item]) -> Iterator[Scored]:
-        """Take items whose features are extracted, in arrival order; yields the answers
+    def add(self, parts: list[Part]) -> Iterator[Scored]:
+        """Take parts whose features are extracted, in arrival order; yields the answers
         they make possible at once (each to be committed before the next is scored)."""
         raise NotImplementedError
 
@@ -105,9 +114,10 @@ class Scheduler:
 class BatchScheduler(Scheduler):
     def __init__(self, *args, overlap: bool = False, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.in_hand: list[Item] = []
-        # the last batch: the references of a partial batch (the tail of a run)
-        self.recent_parts = Window(self.batch_size, self.musc.precision.dtype)
+        self.in_hand: list[Part] = []
+        # the last batch: the references of a partial batch (the tail of a run), per item
+        dtype = self.musc.precision.dtype
+        self.recent_parts = [Window(self.batch_size, dtype) for _ in self.known_good]
         # with overlap one batch is scored in this thread while the loop extracts the next
         self.worker = ThreadPoolExecutor(1, "musc-score") if overlap else None
         self.scoring: Future[Scored] | None = None  # the batch in flight
@@ -117,8 +127,8 @@ class BatchScheduler(Scheduler):
         # without overlap a full batch is scored before the next take, so take at least one
         return min(self.max_batch, room if self.worker is not None else max(1, room))
 
-    def add(self, items: list[Item]) -> Iterator[Scored]:
-        self.in_hand.extend(items)
+    def add(self, parts: list[Part]) -> Iterator[Scored]:
+        self.in_hand.extend(parts)
         yield from ()
 
     def ready(self, finishing: bool) -> tuple[list[Scored], bool]:
@@ -128,22 +138,38 @@ class BatchScheduler(Scheduler):
             done.append(future.result())  # the worker's errors are raised here
         if self.scoring is not None or not self._due(finishing):
             return done, False
-        items, self.in_hand = self.in_hand[: self.batch_size], self.in_hand[self.batch_size :]
-        score = partial(
-            score_batch, items, self.musc, self.map_norm, self.known_good, self.recent_parts
-        )
+        parts, self.in_hand = self.in_hand[: self.batch_size], self.in_hand[self.batch_size :]
+        score = partial(self._score, parts)
         if self.worker is None:
             done.append(profiled(score))
             return done, False
         self.scoring = self.worker.submit(profiled, score)
         return done, True
 
+    def _score(self, parts: list[Part], profile: Profile) -> list[PartAnswers]:
+        """Each inspection item of the parts scored as one batch."""
+        return per_part(
+            [
+                score_batch(
+                    [part[index] for part in parts],
+                    self.musc,
+                    self.map_norm,
+                    known,
+                    recent,
+                    profile,
+                )
+                for index, (known, recent) in enumerate(
+                    zip(self.known_good, self.recent_parts, strict=True)
+                )
+            ]
+        )
+
     def _due(self, finishing: bool) -> bool:
         if not self.in_hand:
             return False
         if len(self.in_hand) >= self.batch_size or finishing:
             return True
-        return self.waited_too_long(self.in_hand[0].arrival.ready_at)
+        return self.waited_too_long(self.in_hand[0][0].arrival.ready_at)
 
     @property
     def held(self) -> int:
@@ -174,24 +200,35 @@ class BatchScheduler(Scheduler):
 class RollingScheduler(Scheduler):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.scorer = RollingScorer(self.musc, self.batch_size, self.map_norm, self.known_good)
+        self.scorers = [
+            RollingScorer(self.musc, self.batch_size, self.map_norm, known)
+            for known in self.known_good
+        ]  # one per inspection item, all in the same state: they see the same parts
 
     def room(self) -> int:
         return self.max_batch
 
-    def add(self, items: list[Item]) -> Iterator[Scored]:
-        for item in items:
-            yield profiled(partial(self.scorer.add, item))
+    def add(self, parts: list[Part]) -> Iterator[Scored]:
+        for part in parts:
+            yield profiled(partial(self._answer, part))
+
+    def _answer(self, part: Part, profile: Profile) -> list[PartAnswers]:
+        return per_part(
+            [scorer.add(item, profile) for scorer, item in zip(self.scorers, part, strict=True)]
+        )
+
+    def _flush(self, profile: Profile) -> list[PartAnswers]:
+        return per_part([scorer.flush(profile) for scorer in self.scorers])
 
     def ready(self, finishing: bool) -> tuple[list[Scored], bool]:
         """The warm-up group, when the run ends or it has waited `max_wait`."""
-        if finishing or self.waited_too_long(self.scorer.waiting_since):
-            return [profiled(self.scorer.flush)], False
+        if finishing or self.waited_too_long(self.scorers[0].waiting_since):
+            return [profiled(self._flush)], False
         return [], False
 
     @property
     def held(self) -> int:
-        return len(self.scorer.waiting)
+        return len(self.scorers[0].waiting)
 
     def batch_number(self, journal: Journal) -> int:
         """Groups of `batch_size` answers share a batch number (and a manifest)."""

@@ -25,6 +25,7 @@ import torch
 from musc_edge.consistency import repeated_in_batch
 from musc_edge.musc import RELIABLE_BATCH, Hooks, MuSc, MuScResult, References
 from musc_edge.profile import Profile
+from musc_edge.region import Region
 from musc_edge.runtime.camera import Arrival
 from musc_edge.runtime.known_good import KnownGood
 from musc_edge.visualize import normalise_maps
@@ -40,6 +41,7 @@ class Item:
     preview: np.ndarray  # BGR, for the overlay
     shape: tuple[int, int]  # the original image's (H, W), for the mask
     features_ms: float
+    region: Region | None = None  # the box of the image these features are of; None: all
 
 
 @dataclass
@@ -56,6 +58,15 @@ class Answer:
     warning: str | None = None
     sets: list[torch.Tensor] | None = None  # pooled (L, C) per set, for the window and refresh
     compared: int = 0  # other images (batch and references) its mutual score comes from
+
+
+Part = list[Item]  # one image's items, one per inspection item, in the line's order
+PartAnswers = list["Answer"]  # their answers, in the same order
+
+
+def per_part(per_inspection: list[list[Answer]]) -> list[PartAnswers]:
+    """Each inspection's answers (same parts, same order) regrouped as each part's answers."""
+    return [list(answers) for answers in zip(*per_inspection, strict=True)]
 
 
 def stack_items(items: list[Item]) -> tuple[list[torch.Tensor], torch.Tensor]:

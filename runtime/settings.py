@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import enum
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,24 @@ def default_out(camera_dir: Path) -> Path:
 
 
 CONFIG = ConfigDict(extra="forbid", populate_by_name=True)
+ITEM_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"  # an item's name: a record field and a topic part
+
+
+def parse_region(value: object) -> object:
+    """A region from "x,y,width,height" or a list, stored as a tuple; None stays None."""
+    return None if value is None else tuple(Region.parse(value).to_json())
+
+
+@dataclass(config=CONFIG)
+class ItemSettings:
+    """One inspection item of the camera image: its box, and the known-good parts of that box
+    (`musc-edge calibrate --region` with the same box) or a fixed threshold."""
+
+    region: tuple[int, int, int, int]  # x, y, width, height in the image's pixels
+    calibration: Path | None = None
+    threshold: float | None = None  # None: the calibration's, else the item's own history
+
+    _region = field_validator("region", mode="before")(parse_region)
 
 
 @dataclass(config=CONFIG)
@@ -76,11 +95,28 @@ class LineSettings:
     overlap: bool | None = None  # batch mode: extract the next images while one is scored
     ignore: tuple[str, ...] = ()  # glob patterns of camera paths never looked at (an archive)
     region: tuple[int, int, int, int] | None = None  # x, y, width, height: the part's box
+    # several inspection items per image, by name: each its own box, calibration and verdict;
+    # the image's verdict is the worst of them (docs/runtime.md, "Inspection items")
+    items: dict[str, ItemSettings] = Field(default_factory=dict)
 
-    @field_validator("region", mode="before")
+    _region = field_validator("region", mode="before")(parse_region)
+
+    @field_validator("items", mode="before")
     @classmethod
-    def _region(cls, value: object) -> object:
-        return None if value is None else tuple(Region.parse(value).to_json())
+    def _items(cls, value: object) -> object:
+        if isinstance(value, (list, tuple)):  # --item NAME:X,Y,W,H[:CALIBRATION], repeatable
+            return dict(parse_item(text) for text in value)
+        return value or {}
+
+    @field_validator("items")
+    @classmethod
+    def _item_names(cls, value: dict[str, ItemSettings]) -> dict[str, ItemSettings]:
+        for name in value:
+            if not re.match(ITEM_NAME, name):
+                raise ValueError(
+                    f"item name {name!r}: use letters, digits, '_', '.' and '-' (e.g. cap)"
+                )
+        return value
 
     @field_validator("threshold", mode="before")
     @classmethod
@@ -100,8 +136,19 @@ class LineSettings:
                 f"--out {self.out_dir} is the camera folder; the line would score its own "
                 "outputs. Choose a folder beside it (the default is CAMERA_DIR-musc-results)"
             )
-        if self.refresh_references and self.calibration is None:
+        if self.items and (self.region or self.calibration or self.threshold is not None):
+            raise ValueError(
+                "with items, give each item its own region, calibration or threshold "
+                "(items: NAME: {region: ..., calibration: ...}) instead of the line's"
+            )
+        if self.refresh_references and self.calibration is None and not self.items:
             raise ValueError("--refresh-references needs a --calibration to refresh")
+
+    @property
+    def boxed(self) -> bool:
+        """Whether images are cut to boxes given in the file's own pixels (a region or
+        items): large frames are then decoded whole, not reduced."""
+        return self.region is not None or bool(self.items)
 
 
 @dataclass(config=CONFIG)
@@ -123,8 +170,19 @@ class RunSettings(LineSettings):
             raise ValueError("--model is required (on the command line or in a --config file)")
 
 
+def parse_item(text: str) -> tuple[str, dict[str, Any]]:
+    """NAME:X,Y,W,H or NAME:X,Y,W,H:CALIBRATION (the `--item` flag) -> name and settings."""
+    name, _, rest = str(text).partition(":")
+    box, _, calibration = rest.partition(":")
+    if not name or not box:
+        raise UsageError(
+            f"--item {text!r}: give NAME:X,Y,WIDTH,HEIGHT[:CALIBRATION], e.g. cap:0,0,400,300"
+        )
+    return name, {"region": box, "calibration": calibration or None}
+
+
 FIELDS = {f.name: f for f in dataclasses.fields(RunSettings)}
-ALIASES = {"out": "out_dir"}
+ALIASES = {"out": "out_dir", "item": "items"}
 
 
 def default_of(name: str) -> Any:
@@ -172,4 +230,5 @@ def settings_problem(error: ValidationError, label: Any = lambda key: key) -> st
     message = problem["msg"].removeprefix("Value error, ")
     if not problem["loc"]:  # a rule over several fields: its message says it all
         return message
-    return f"{label(str(problem['loc'][0]))}: {message}"
+    first, *inner = (str(part) for part in problem["loc"])
+    return f"{label(first)}{''.join('.' + part for part in inner)}: {message}"

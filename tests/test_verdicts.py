@@ -192,10 +192,12 @@ def test_restart_keeps_the_history_threshold(tmp_path: Path) -> None:
     line.run()
     records = list(line.journal.records())
     assert records and all(not r.calibrated and r.threshold_basis == "history" for r in records)
-    kept = line.verdicts.judge.threshold([])
+    kept = line.inspections[0].verdicts.judge.threshold([])
     restarted = make_line(tmp_path)
-    assert restarted.verdicts.judge.threshold([]) == kept
-    assert list(restarted.verdicts.judge.normal) == list(line.verdicts.judge.normal)
+    assert restarted.inspections[0].verdicts.judge.threshold([]) == kept
+    assert list(restarted.inspections[0].verdicts.judge.normal) == list(
+        line.inspections[0].verdicts.judge.normal
+    )
 
 
 def test_calibrated_line_judges_every_part_against_the_known_good_parts(tmp_path: Path) -> None:
@@ -213,7 +215,7 @@ def test_calibrated_line_judges_every_part_against_the_known_good_parts(tmp_path
             assert record.calibrated and record.threshold_basis == "calibration"
             assert record.threshold == made.threshold
             assert record.score == record.reference_score
-        assert isinstance(line.verdicts.judge, CalibratedJudge)
+        assert isinstance(line.inspections[0].verdicts.judge, CalibratedJudge)
 
 
 def test_refresh_lets_only_clearly_normal_parts_join_and_stays_bounded(tmp_path: Path) -> None:

@@ -32,6 +32,14 @@ def bench_line(
     calibration: Path | None = typer.Option(
         None, "--calibration", help="Known-good parts; its images never enter a stream."
     ),
+    region: str | None = typer.Option(
+        None, "--region", help="As for run: score only this box (x,y,width,height)."
+    ),
+    item: list[str] = typer.Option(
+        [],
+        "--item",
+        help="As for run: an inspection item NAME:X,Y,WIDTH,HEIGHT[:CALIBRATION] (repeatable).",
+    ),
     refresh_references: int = typer.Option(
         0, "--refresh-references", min=0, help="As for run: recent clearly-normal parts join."
     ),
@@ -47,6 +55,7 @@ def bench_line(
     from musc_edge.musc import MuSc
     from musc_edge.package import load_package
     from musc_edge.runtime.runners import open_runner
+    from musc_edge.runtime.settings import parse_item
 
     if bad := [value for value in overlap if value not in OVERLAP]:
         raise typer.BadParameter(f"--overlap takes auto, on or off, not {bad[0]!r}")
@@ -58,11 +67,14 @@ def bench_line(
         package = load_package(model)
         runner = open_runner(package, engine.value, precision=backbone_precision)
         musc = MuSc.for_package(package, window=window)
-        source = StreamSource(root, category, calibration)
+        calibrations = [calibration, *(parse_item(text)[1]["calibration"] for text in item)]
+        source = StreamSource(root, category, tuple(Path(p) for p in calibrations if p))
         settings = {
             "batch_size": batch_size,
             "calibration": calibration,
             "refresh_references": refresh_references,
+            "region": region,
+            "items": item,
         }
         streams = {name: STREAMS[name](source) for name in stream}  # all built before any run
         runs = [(name, chosen, lap) for name in streams for chosen in mode for lap in overlap]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
@@ -11,13 +12,27 @@ from musc_edge.cli import options
 from musc_edge.cli.errors import user_errors
 from musc_edge.cli.progress import progress_bar
 
+if TYPE_CHECKING:
+    from musc_edge.musc import MuSc
+    from musc_edge.package import ModelPackage
+    from musc_edge.region import Region
+    from musc_edge.runtime.runners import Runner
+
 console = Console(soft_wrap=True)  # long paths stay whole in logs, whatever the width
 
 
 def calibrate(
     model: Path = typer.Option(..., "--model", help="Model package folder (musc-edge export)."),
     good: Path = typer.Option(..., "--good", help="Folder of known-good part images (5 or more)."),
-    out: Path = typer.Option(..., "--out", help="Calibration file to write (.safetensors)."),
+    out: Path | None = typer.Option(
+        None, "--out", help="Calibration file to write (.safetensors); or give --config."
+    ),
+    config: Path | None = typer.Option(
+        None,
+        "--config",
+        help="A line config with items: calibrate every item on its own box, each into the "
+        "calibration file the config names for it.",
+    ),
     parts: int | None = typer.Option(
         None, "--parts", min=1, help="Use only the first N images of --good (sorted by name)."
     ),
@@ -53,22 +68,14 @@ def calibrate(
     `musc-edge run --calibration OUT` then judges every part against these parts, with one
     threshold for every batch (docs/verdicts.md).
     """
-    from musc_edge.calibration import (
-        BANK_PATCHES,
-        MIN_PARTS,
-        CalibrationError,
-        calibrate,
-        save_calibration,
-    )
-    from musc_edge.features import extract_features
+    from musc_edge.calibration import MIN_PARTS, CalibrationError
     from musc_edge.images import list_images
     from musc_edge.musc import MuSc
     from musc_edge.package import load_package
-    from musc_edge.region import Region, cropped
-    from musc_edge.runtime.record import utc_now
     from musc_edge.runtime.runners import open_runner
 
     with user_errors():
+        jobs = calibrations_to_make(out, config, region)
         if not good.is_dir():
             raise CalibrationError(f"--good {good} is not a folder of images")
         paths = list_images(good)[:parts]
@@ -76,41 +83,90 @@ def calibrate(
             raise CalibrationError(
                 f"{good} holds {len(paths)} images; a calibration needs at least {MIN_PARTS}"
             )
-        box = None if region is None else Region.parse(region)
         package = load_package(model)
         runner = open_runner(package, engine.value, allow_random_init=allow_random_init)
         musc = MuSc.for_package(package)
-        console.print(f"calibrating {package.folder} on {len(paths)} parts from {good}")
-        with progress_bar(console) as bar:
-            task = bar.add_task("features", total=len(paths))
-            features = extract_features(
-                paths,
-                cropped(package.preprocessing(), box),
-                runner,
-                batch_size=package.max_batch,
-                on_batch=lambda count: bar.advance(task, count),
-                full_resolution=box is not None,
-            )
-            bar.update(task, description="scoring the parts against each other")
-            files = [str(path.relative_to(good)) for path in features.paths]
-            result = calibrate(
-                package,
-                musc,
-                features.tokens,
-                features.embeddings,
-                files,
-                target_frr,
-                aligned,
-                bank_size or BANK_PATCHES,
-            )
-        result.info = {"good": str(good.resolve()), "created": utc_now()}
-        result.info["region"] = None if box is None else box.to_json()
-        result.info["engine"] = runner.description
-        summary = result.summary()
-        result.info["threshold_confidence"] = {
-            key: summary[key] for key in ("confidence", "frr_upper_bound", "parts_for_target")
-        }
-        save_calibration(result, out)
+        settings = (target_frr, aligned, bank_size)
+        for name, box, destination in jobs:
+            where = "" if name is None else f" (item {name}, region {box})"
+            console.print(f"calibrating {package.folder} on {len(paths)} parts from {good}{where}")
+            calibrate_one(package, runner, musc, good, paths, box, settings, destination)
+
+
+def calibrations_to_make(
+    out: Path | None, config: Path | None, region: str | None
+) -> list[tuple[str | None, Region | None, Path]]:
+    """(item name, box, file) for each calibration to write: --out's, or each item's of a
+    line config (--config), so one command teaches every item of a line."""
+    from musc_edge.cli.line_config import read_items
+    from musc_edge.errors import UsageError
+    from musc_edge.region import Region
+
+    if (out is None) == (config is None):
+        raise UsageError("give --out FILE, or --config LINE.yaml to calibrate its items")
+    if config is None:
+        return [(None, None if region is None else Region.parse(region), out)]
+    if region is not None:
+        raise UsageError("--config takes each item's region from the file; leave out --region")
+    items = read_items(config)
+    if not items:
+        raise UsageError(f"{config} has no items; give --out FILE (and --region) instead")
+    missing = [name for name, item in items.items() if item.calibration is None]
+    if missing:
+        raise UsageError(
+            f"{config}: item {missing[0]} names no calibration file to write; add "
+            f"calibration: {missing[0]}.safetensors"
+        )
+    return [(name, Region(*item.region), item.calibration) for name, item in items.items()]
+
+
+def calibrate_one(
+    package: ModelPackage,
+    runner: Runner,
+    musc: MuSc,
+    good: Path,
+    paths: list[Path],
+    box: Region | None,
+    settings: tuple[float, bool, int | None],
+    out: Path,
+) -> None:
+    """One calibration: the parts (cut to `box`) extracted, scored held-out, saved, shown."""
+    from musc_edge.calibration import BANK_PATCHES, calibrate, save_calibration
+    from musc_edge.features import extract_features
+    from musc_edge.region import cropped
+    from musc_edge.runtime.record import utc_now
+
+    target_frr, aligned, bank_size = settings
+    with progress_bar(console) as bar:
+        task = bar.add_task("features", total=len(paths))
+        features = extract_features(
+            paths,
+            cropped(package.preprocessing(), box),
+            runner,
+            batch_size=package.max_batch,
+            on_batch=lambda count: bar.advance(task, count),
+            full_resolution=box is not None,
+        )
+        bar.update(task, description="scoring the parts against each other")
+        files = [str(path.relative_to(good)) for path in features.paths]
+        result = calibrate(
+            package,
+            musc,
+            features.tokens,
+            features.embeddings,
+            files,
+            target_frr,
+            aligned,
+            bank_size or BANK_PATCHES,
+        )
+    result.info = {"good": str(good.resolve()), "created": utc_now()}
+    result.info["region"] = None if box is None else box.to_json()
+    result.info["engine"] = runner.description
+    summary = result.summary()
+    result.info["threshold_confidence"] = {
+        key: summary[key] for key in ("confidence", "frr_upper_bound", "parts_for_target")
+    }
+    save_calibration(result, out)
     for failure in features.failures:
         console.print(f"[yellow]skipped[/] {failure.path}: {failure.error}")
     console.print(

@@ -4,8 +4,8 @@ Each key is a setting of `runtime/settings.py`'s `RunSettings` (`batch_size` or
 `batch-size`), validated by that model as the flags are, so the file and the flags can never
 disagree on a default, a range or a choice, and an unknown key is refused with the closest
 known one. A flag given on the command line wins over the file. Relative paths in the file are
-relative to the file's folder (a service starts in `/`). `sinks:` maps a sink's name to its
-options, the same options `--sink NAME:KEY=VALUE` takes.
+relative to the file's folder (a service starts in `/`), an item's calibration too. `sinks:`
+maps a sink's name to its options, the same options `--sink NAME:KEY=VALUE` takes.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from musc_edge.errors import UsageError
 from musc_edge.runtime.settings import ALIASES, path_fields
 
 SINKS_KEY = "sinks"
+ITEMS_KEY = "items"  # inspection items: name -> region, calibration, threshold
 NOT_SETTINGS = ("config", "sink")  # the file itself, and sinks (the `sinks:` mapping instead)
 GIVEN = ("COMMANDLINE", "ENVIRONMENT")  # parameter sources that mean the user set the flag
 
@@ -40,6 +41,13 @@ def read_line_config(path: Path) -> dict[str, Any]:
     return data
 
 
+def beside(config: Path, value: Any) -> Any:
+    """A relative path given in the file, relative to the file (not to where run started)."""
+    if isinstance(value, str) and not Path(value).is_absolute():
+        return config.parent / value
+    return value
+
+
 def read_config_values(path: Path) -> tuple[dict[str, Any], dict[str, dict]]:
     """The file's settings (keys as the model spells them, relative paths made relative to
     the file) and its sinks; validation is the settings model's."""
@@ -54,7 +62,28 @@ def read_config_values(path: Path) -> tuple[dict[str, Any], dict[str, dict]]:
     for key, value in data.items():
         name = str(key).replace("-", "_")
         name = ALIASES.get(name, name)
-        if name in paths and isinstance(value, str) and not Path(value).is_absolute():
-            value = path.parent / value  # relative to the file, not to where run was started
+        if name in paths:
+            value = beside(path, value)
+        if name == ITEMS_KEY and isinstance(value, dict):  # each item's calibration
+            value = {
+                item: {**options, "calibration": beside(path, options.get("calibration"))}
+                if isinstance(options, dict) and "calibration" in options
+                else options
+                for item, options in value.items()
+            }
         values[name] = value
     return values, {name: dict(options or {}) for name, options in sinks.items()}
+
+
+def read_items(path: Path) -> dict[str, Any]:
+    """The inspection items of a line config (name -> ItemSettings), validated as `run`
+    validates them; `calibrate --config` writes each item's calibration."""
+    from pydantic import TypeAdapter, ValidationError
+
+    from musc_edge.runtime.settings import ItemSettings, settings_problem
+
+    items = read_config_values(path)[0].get("items") or {}
+    try:
+        return TypeAdapter(dict[str, ItemSettings]).validate_python(items)
+    except ValidationError as error:
+        raise UsageError(settings_problem(error, lambda key: f"{path}: items.{key}")) from None

@@ -34,7 +34,8 @@ console = Console(soft_wrap=True)  # long paths stay whole in logs, whatever the
 
 def flag(name: str) -> str:
     """The command-line spelling of a setting."""
-    return {"out_dir": "--out", "watch": "--watch/--once"}.get(name, "--" + name.replace("_", "-"))
+    spelled = {"out_dir": "--out", "watch": "--watch/--once", "items": "--item"}
+    return spelled.get(name, "--" + name.replace("_", "-"))
 
 
 def run(
@@ -129,6 +130,12 @@ def run(
         "--region",
         help="Score only this box of each image, x,y,width,height in pixels (the part, not "
         "the fixture); calibrate with the same --region.",
+    ),
+    item: list[str] = typer.Option(
+        [],
+        "--item",
+        help="An inspection item, NAME:X,Y,WIDTH,HEIGHT[:CALIBRATION] (repeatable): each box "
+        "judged on its own; the image's verdict is the worst item's (or items: in --config).",
     ),
     ignore: list[str] = typer.Option(
         [],
@@ -258,8 +265,12 @@ def parse_address(text: str) -> tuple[str, int]:
 
 def verdict_basis(line) -> str:
     """Where the threshold comes from, said once at start; uncalibrated is said loudly."""
-    text = line.verdicts.describe()
-    return f"[bold yellow]{text}[/]" if not line.verdicts.calibrated else text
+    lines = []
+    for inspection in line.inspections:
+        text = inspection.verdicts.describe()
+        text = text if inspection.name is None else f"item {inspection.name}: {text}"
+        lines.append(text if inspection.verdicts.calibrated else f"[bold yellow]{text}[/]")
+    return "\n".join(lines)
 
 
 def status_line(stats) -> str:

@@ -34,7 +34,7 @@ from musc_edge.runtime.record import ResultRecord
 
 if TYPE_CHECKING:
     from musc_edge.runtime.journal import Journal
-    from musc_edge.runtime.scoring import Answer
+    from musc_edge.runtime.scoring import PartAnswers
 
 CRASH_SAFE_ORDER = ("visuals", "journal", "table", "manifest")
 
@@ -44,7 +44,8 @@ class CommitContext:
     """What a commit is besides its records: the batch, and the maps of the scored images."""
 
     batch: int
-    answers: Mapping[str, Answer] = field(default_factory=dict)  # by file, scored images only
+    # by file, scored images only: one answer per inspection item (runtime/inspections.py)
+    answers: Mapping[str, PartAnswers] = field(default_factory=dict)
     batch_ms: float | None = None  # last image ready -> committed, for scored batches
 
 

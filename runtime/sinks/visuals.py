@@ -11,9 +11,10 @@ from collections.abc import Sequence
 import numpy as np
 
 from musc_edge.parallel import thread_map
+from musc_edge.region import Region
 from musc_edge.runtime.outputs import pixel_map
 from musc_edge.runtime.record import ResultRecord
-from musc_edge.runtime.scoring import Answer
+from musc_edge.runtime.scoring import PartAnswers
 from musc_edge.runtime.sinks import CommitContext, SinkSetup, register_sink
 from musc_edge.visualize import overlay, write_png
 
@@ -27,12 +28,24 @@ class VisualsSink:
         drawn = [r for r in records if r.overlay is not None and r.key[0] in context.answers]
         thread_map(lambda record: self._write(record, context.answers[record.key[0]]), drawn)
 
-    def _write(self, record: ResultRecord, answer: Answer) -> None:
-        item = answer.item
-        write_png(self.out_dir / record.overlay, overlay(item.preview, answer.heat))
-        if record.mask is not None:
-            mask = pixel_map(answer.patch_map, item.shape) > record.threshold
-            write_png(self.out_dir / record.mask, mask.astype(np.uint8) * 255)
+    def _write(self, record: ResultRecord, answers: PartAnswers) -> None:
+        """The overlay of the item the verdict comes from; the mask of every item, each in its
+        box of the file's own pixels and over its own threshold."""
+        results = record.items or [None]
+        worst = next(i for i, r in enumerate(results) if r is None or r.name == record.item)
+        write_png(
+            self.out_dir / record.overlay, overlay(answers[worst].item.preview, answers[worst].heat)
+        )
+        if record.mask is None:
+            return
+        mask = np.zeros(answers[0].item.shape, np.uint8)
+        for answer, result in zip(answers, results, strict=True):
+            threshold = record.threshold if result is None else result.threshold
+            if threshold is not None:
+                box = answer.item.region or Region(0, 0, mask.shape[1], mask.shape[0])
+                shape = (box.height, box.width)
+                box.crop(mask)[:] = (pixel_map(answer.patch_map, shape) > threshold) * 255
+        write_png(self.out_dir / record.mask, mask)
 
     def flush(self) -> None:
         """Every file is complete when `commit` returns."""

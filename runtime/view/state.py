@@ -51,6 +51,7 @@ CARD_FIELDS = (
     "commit",
     "score",
     "label",
+    "item",
     "threshold",
     "shift",
     "repeated",

@@ -8,7 +8,7 @@ never scored); every other record is *scored*, and its label says how it was jud
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from musc_edge.runtime.verdicts import ANOMALOUS, NORMAL, UNJUDGED
@@ -28,6 +28,8 @@ class Counts:
     repeated: int = 0
     joined: int = 0  # joined the known-good references (--refresh-references)
     shift_commits: int = 0
+    # a line with inspection items: anomalous verdicts per item (a part may have several)
+    items_anomalous: dict[str, int] = field(default_factory=dict)
     _last_shift_commit: object = None
 
     def add(self, record: Mapping[str, Any]) -> None:
@@ -44,10 +46,17 @@ class Counts:
         self.unlabelled += label is None
         self.repeated += bool(record.get("repeated"))
         self.joined += bool(record.get("joined_references"))
+        for item in record.get("items") or ():
+            if item["label"] == ANOMALOUS:
+                self.items_anomalous[item["name"]] = self.items_anomalous.get(item["name"], 0) + 1
         commit = record.get("commit")
         if record.get("shift") and commit != self._last_shift_commit:
             self.shift_commits += 1
             self._last_shift_commit = commit
 
-    def to_dict(self) -> dict[str, int]:
-        return {name: value for name, value in vars(self).items() if not name.startswith("_")}
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            name: dict(value) if isinstance(value, dict) else value
+            for name, value in vars(self).items()
+            if not name.startswith("_")
+        }

@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 from musc_edge.cli import app
 from musc_edge.errors import UsageError
+from musc_edge.runtime.counts import Counts
 from musc_edge.runtime.inspections import worst
 from musc_edge.runtime.record import ItemResult
 from musc_edge.runtime.settings import load_settings
@@ -97,6 +98,7 @@ def test_a_line_judges_each_item_and_takes_the_worst(tmp_path: Path, vits14_pack
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "item upper: calibrated" in done.stdout and "item lower: calibrated" in done.stdout
+    assert "anomalous items: " in done.stdout  # the status line counts them per item
     records = {record["file"]: record for record in results(tmp_path / "items")}
     assert len(records) == 6
     assert records["zz_short.png"]["error"].startswith("item lower: region 0,620,500,500")
@@ -120,6 +122,15 @@ def test_a_line_judges_each_item_and_takes_the_worst(tmp_path: Path, vits14_pack
     mask = cv2.imread(str(tmp_path / "items" / fault["mask"]), cv2.IMREAD_GRAYSCALE)
     assert mask.shape == part.shape
     assert mask[700:820, 150:350].any() and not mask[:620].any()
+    counts = Counts()
+    for record in records.values():
+        counts.add(record)
+    anomalous = sum(
+        item["label"] == "anomalous" for r in records.values() for item in r["items"] or ()
+    )
+    assert (
+        counts.items_anomalous["lower"] >= 1 and sum(counts.items_anomalous.values()) == anomalous
+    )
     overlay = cv2.imread(str(tmp_path / "items" / fault["overlay"]))
     assert overlay.shape[:2] == (500, 500)  # the lower item's, the one that failed
     # one item alone scores its box exactly as the line's --region does

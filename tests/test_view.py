@@ -214,6 +214,7 @@ def test_state_counts_rate_latency_and_flags() -> None:
         "repeated": 0,
         "joined": 0,
         "shift_commits": 1,
+        "items_anomalous": {},
     }
     # commits 2 and 3 (8 parts plus the failure) came in the 20 s after the first commit
     assert summary["throughput_per_minute"] == pytest.approx(60 * 9 / 20)

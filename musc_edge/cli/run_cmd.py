@@ -296,6 +296,9 @@ def status_line(stats) -> str:
         parts.append(f"SHIFT in {counts.shift_commits} commit(s)")
     if counts.repeated:
         parts.append(f"REPEATED defect on {counts.repeated} part(s)")
+    if counts.items_anomalous:
+        per_item = ", ".join(f"{name} {count}" for name, count in counts.items_anomalous.items())
+        parts.append(f"anomalous items: {per_item}")
     if counts.joined:
         parts.append(f"{counts.joined} joined the references")
     if stats.last_batch_ms is not None:

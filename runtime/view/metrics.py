@@ -98,6 +98,12 @@ def prometheus_text(state: Mapping[str, Any]) -> str:
     )
     for name, kind, help_text, value in single:
         lines += family(name, kind, help_text, [({}, value)])
+    lines += family(
+        "musc_item_anomalous_total",
+        "counter",
+        "Anomalous verdicts per inspection item (a line with items; docs/runtime.md).",
+        [({"item": item}, count) for item, count in counts.get("items_anomalous", {}).items()],
+    )
     backlog = (state["backlog"] or {}).items()
     lines += family(
         "musc_sink_backlog",

@@ -92,7 +92,7 @@ def bench_line(
                     "rows": rows,
                 }
                 write_json_atomic(json_out, payload)
-    show(rows, calibration is not None)
+    show(rows, all(row["uncalibrated_records"] == 0 for row in rows))
     if json_out:
         console.print(f"written to {json_out}")
 

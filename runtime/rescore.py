@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -91,17 +92,24 @@ class BatchScorer:
     """A Ray Data actor: reads, preprocesses and scores whole batches, as the line does."""
 
     def __init__(self, model: str, calibration: str | None, engine: str, batch_size: int) -> None:
+        import ray
+        import torch
+
         from musc_edge.calibration import load_calibration
         from musc_edge.musc import MuSc
         from musc_edge.package import load_package
         from musc_edge.runtime.known_good import KnownGood
         from musc_edge.runtime.runners import open_runner
 
+        # the CPUs Ray gave this actor (--cpus-per-worker) are the threads of its scoring
+        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
+        torch.set_num_threads(max(1, int(cpus)))
         self.package = load_package(Path(model))
         self.runner = open_runner(self.package, engine)
         self.musc = MuSc.for_package(self.package)
         self.preprocess = self.package.preprocessing()
         self.batch_size = batch_size
+        self.node = ray.get_runtime_context().get_node_id()  # where this actor runs
         self.known_good = None
         if calibration is not None:
             loaded = load_calibration(Path(calibration), self.package)
@@ -138,7 +146,12 @@ class BatchScorer:
         score_ms = profile.ms.get("score", 0.0)
         out = []
         for part in parts:
-            row = {"batch": index, "path": str(part.path), "key": json.dumps(part.key)}
+            row = {
+                "batch": index,
+                "path": str(part.path),
+                "key": json.dumps(part.key),
+                "node": self.node,
+            }
             if part.file in failed:
                 out.append({**row, "error": failed[part.file]})
                 continue
@@ -161,8 +174,6 @@ class BatchScorer:
 
     def items(self, parts: list[ArchivedPart]) -> tuple[list, dict[str, str]]:
         """The readable parts as the line's items (features extracted); why the rest failed."""
-        import time
-
         import torch
 
         from musc_edge.runtime.camera import Arrival
@@ -197,7 +208,7 @@ class BatchScorer:
 
 
 ANSWER_FIELDS = (
-    "batch", "path", "key", "error", "sha256", "score", "raw_score", "reference_score",
+    "batch", "path", "key", "node", "error", "sha256", "score", "raw_score", "reference_score",
     "repeated", "compared", "warning", "features_ms", "score_ms",
 )  # fmt: skip
 
@@ -218,6 +229,10 @@ class Summary:
 
     thresholds: list[float]
     groups: dict[str, dict[str, dict[str, int]]] = field(default_factory=dict)
+    nodes: dict[str, int] = field(default_factory=dict)  # this run's parts per Ray node
+
+    def add_node(self, node: str, parts: int) -> None:
+        self.nodes[node] = self.nodes.get(node, 0) + parts
 
     def add(self, record: ResultRecord) -> None:
         day = datetime.fromtimestamp(record.mtime_ns / 1e9, timezone.utc).date().isoformat()
@@ -238,15 +253,21 @@ class Summary:
         return dict.fromkeys(["parts", "scored", "failed", "rejected", *above], 0)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"thresholds": self.thresholds, **self.groups}
+        return {"thresholds": self.thresholds, **self.groups, "nodes": self.nodes}
 
 
 def records_of(
-    rows: Iterator[dict[str, Any]], verdicts: Verdicts, first_batch: int, model_sha256: str
+    rows: Iterator[dict[str, Any]],
+    verdicts: Verdicts,
+    first_batch: int,
+    model_sha256: str,
+    nodes: Callable[[str, int], None] = lambda node, parts: None,
 ) -> Iterator[list[ResultRecord]]:
-    """The actors' answers, one batch at a time in order, judged as the line judges them."""
+    """The actors' answers, one batch at a time in order, judged as the line judges them;
+    `nodes(node, parts)` hears where each part was scored."""
     batch: list[dict[str, Any]] = []
     for row in rows:
+        nodes(row["node"], 1)
         if batch and row["batch"] != batch[0]["batch"]:
             yield judged(batch, verdicts, first_batch, model_sha256)
             batch = []
@@ -320,6 +341,7 @@ def answer_stream(
     engine: str,
     workers: int,
     batch_size: int,
+    cpus_per_worker: float,
 ) -> Iterator[dict[str, Any]]:
     """The Ray Data pipeline: the batches spread over `workers` actors, answers in order."""
     import ray
@@ -337,7 +359,10 @@ def answer_stream(
             "batch_size": batch_size,
         },
         batch_size=1,
-        compute=ray.data.ActorPoolStrategy(size=workers),
+        # one batch at a time per actor: a batch is a whole task, so queueing a second on a
+        # busy actor would only idle another
+        compute=ray.data.ActorPoolStrategy(size=workers, max_tasks_in_flight_per_actor=1),
+        num_cpus=cpus_per_worker,
     )
     return answers.iter_rows()
 
@@ -352,6 +377,7 @@ def run_rescore(
     workers: int,
     batch_size: int,
     engine: str,
+    cpus_per_worker: float = 1,
     on_batch: Callable[[int, int], None] = lambda done, total: None,
 ) -> Summary:
     """Re-score the archive's unanswered images into OUT; returns the whole summary."""
@@ -374,6 +400,7 @@ def run_rescore(
     verdicts.known_good = None  # a re-score never lets parts join the known-good references
     parts = archive_parts(archive, journal.keys)
     rows = plan_batches(parts, batch_size)
+    summary = Summary(list(thresholds))
     if parts:
         ray.init(
             address=address,
@@ -383,16 +410,18 @@ def run_rescore(
             configure_logging=True,
         )
         try:
-            answers = answer_stream(rows, model, calibration, engine, workers, batch_size)
+            answers = answer_stream(
+                rows, model, calibration, engine, workers, batch_size, cpus_per_worker
+            )
+            first = journal.last_batch + 1
             done = 0
-            for records in records_of(answers, verdicts, journal.last_batch + 1, package.sha256):
+            for records in records_of(answers, verdicts, first, package.sha256, summary.add_node):
                 journal.commit(records)
                 done += len(records)
                 on_batch(done, len(parts))
         finally:
             ray.shutdown()
     write_parquet(journal, out)
-    summary = Summary(list(thresholds))
     for record in journal.records():
         summary.add(record)
     (out / SUMMARY_FILE).write_text(json.dumps(summary.to_dict(), indent=2) + "\n")

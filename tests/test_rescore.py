@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import need
-from tests.helpers import CLI, results
+from tests.helpers import CLI, free_port, results
 
 pytest.importorskip("ray", reason="Ray is the cluster extra: pip install -e '.[cluster]'")
 pytest.importorskip("pyarrow", reason="Ray Data brings pyarrow")
@@ -140,3 +140,50 @@ def test_rescore_writes_runs_records_and_resumes_after_a_kill(
         assert record["label"] == expected[record["file"]]["label"]
         if record["error"] is None:
             assert record["score"] == pytest.approx(expected[record["file"]]["score"], abs=1e-5)
+
+
+@pytest.fixture
+def two_node_cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A real Ray cluster of two nodes on this machine: a head and a worker node started as
+    separate processes (`ray start` twice), one CPU each; stopped after the test. Token
+    authentication on every process (the head's token file is shared on one machine)."""
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    port = str(free_port())
+    head = ["ray", "start", "--head", "--port", port, "--num-cpus", "1",
+            "--include-dashboard", "false", "--disable-usage-stats"]  # fmt: skip
+    worker = ["ray", "start", "--address", f"127.0.0.1:{port}", "--num-cpus", "1"]
+    try:
+        for command in (head, worker):
+            done = subprocess.run(command, capture_output=True, text=True, timeout=180)
+            assert done.returncode == 0, done.stdout + done.stderr
+        yield f"127.0.0.1:{port}"
+    finally:
+        subprocess.run(["ray", "stop", "--force"], capture_output=True, timeout=180)
+
+
+def test_rescore_on_a_two_node_cluster_uses_both_nodes(
+    tmp_path: Path, bottle_dir: Path, vits14_package: Path, two_node_cluster: str
+) -> None:
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    for index, source in enumerate(sorted((bottle_dir / "test" / "good").glob("*.png"))[:12]):
+        shutil.copy(source, archive / source.name)
+        os.utime(archive / source.name, (START + index, START + index))
+    common = ["--model", str(vits14_package), "--batch-size", "5", "--engine", "onnxruntime"]
+    line = subprocess.run(
+        [*CLI, "run", "--camera-dir", str(archive), "--once", "--settle", "0",
+         "--out", str(tmp_path / "run"), *common],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert line.returncode == 0, line.stdout + line.stderr
+    rescore = [*CLI, "rescore", "--archive", str(archive), *common, "--workers", "2",
+               "--address", two_node_cluster, "--out", str(tmp_path / "cluster")]  # fmt: skip
+    done = subprocess.run(rescore, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    summary = json.loads((tmp_path / "cluster" / "summary.json").read_text())
+    assert len(summary["nodes"]) == 2 and sum(summary["nodes"].values()) == 12  # both nodes
+    expected, got = by_file(tmp_path / "run"), by_file(tmp_path / "cluster")
+    assert sorted(got) == sorted(expected)
+    for name, record in expected.items():  # uncalibrated: the mutual scores, batch by batch
+        assert got[name]["raw_score"] == pytest.approx(record["raw_score"], abs=1e-5)
+        assert got[name]["score"] == pytest.approx(record["score"], abs=1e-5)

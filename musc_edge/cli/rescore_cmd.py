@@ -35,6 +35,9 @@ def rescore(
     workers: int = typer.Option(
         1, "--workers", min=1, help="Scoring actors, each with its own runner (one per GPU)."
     ),
+    cpus_per_worker: float = typer.Option(
+        1, "--cpus-per-worker", min=0.1, help="CPUs Ray reserves for each actor (its threads)."
+    ),
     batch_size: int = typer.Option(
         32, "--batch-size", min=1, help="Images scored together, as the line's --batch-size."
     ),
@@ -61,6 +64,7 @@ def rescore(
             workers,
             batch_size,
             engine.value,
+            cpus_per_worker,
             on_batch=lambda done, total: bar.update(task, completed=done, total=total),
         )
     show(summary.to_dict())

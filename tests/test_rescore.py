@@ -44,6 +44,16 @@ def archive_of(bottle_dir: Path, folder: Path) -> list[str]:
     return [*names, "line2/torn.png"]
 
 
+def run_once(archive: Path, out: Path, options: list[str]) -> None:
+    """`musc-edge run --once` over the archive: the records a re-score must match."""
+    line = subprocess.run(
+        [*CLI, "run", "--camera-dir", str(archive), "--once", "--settle", "0",
+         "--out", str(out), *options],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert line.returncode == 0, line.stdout + line.stderr
+
+
 def batches(records: dict[str, dict]) -> set[frozenset[str]]:
     """The scored files of each batch (a failure's batch number depends on when it failed)."""
     groups: dict[int, set[str]] = {}
@@ -73,12 +83,7 @@ def test_rescore_writes_runs_records_and_resumes_after_a_kill(
     assert done.returncode == 0, done.stdout + done.stderr
     common = ["--model", str(vits14_package), "--calibration", str(calibration),
               "--batch-size", "3", "--engine", "onnxruntime"]  # fmt: skip
-    line = subprocess.run(
-        [*CLI, "run", "--camera-dir", str(archive), "--once", "--settle", "0",
-         "--out", str(tmp_path / "run"), *common],
-        capture_output=True, text=True,
-    )  # fmt: skip
-    assert line.returncode == 0, line.stdout + line.stderr
+    run_once(archive, tmp_path / "run", common)
     rescore = [*CLI, "rescore", "--archive", str(archive), *common, "--threshold", "0.1"]
 
     whole = subprocess.run(
@@ -170,12 +175,7 @@ def test_rescore_on_a_two_node_cluster_uses_both_nodes(
         shutil.copy(source, archive / source.name)
         os.utime(archive / source.name, (START + index, START + index))
     common = ["--model", str(vits14_package), "--batch-size", "5", "--engine", "onnxruntime"]
-    line = subprocess.run(
-        [*CLI, "run", "--camera-dir", str(archive), "--once", "--settle", "0",
-         "--out", str(tmp_path / "run"), *common],
-        capture_output=True, text=True,
-    )  # fmt: skip
-    assert line.returncode == 0, line.stdout + line.stderr
+    run_once(archive, tmp_path / "run", common)
     rescore = [*CLI, "rescore", "--archive", str(archive), *common, "--workers", "2",
                "--address", two_node_cluster, "--out", str(tmp_path / "cluster")]  # fmt: skip
     done = subprocess.run(rescore, capture_output=True, text=True)

@@ -186,3 +186,19 @@ def test_calibrate_config_refuses_what_it_cannot_write(
     given = ["calibrate", "--model", "pkg", "--good", str(tmp_path), "--config", str(config)]
     result = CliRunner().invoke(app, [*given, *extra])
     assert result.exit_code != 0 and message in result.output
+
+
+@pytest.mark.parametrize("mode", ["rolling", "batch"])
+def test_items_answer_in_lockstep_in_either_mode(tmp_path: Path, mode: str) -> None:
+    """Every part gets one record holding every item, in both schedulers, with each item's
+    own scores (the right half of these parts differs from the left)."""
+    items = {"left": {"region": "0,0,32,64"}, "right": {"region": "32,0,32,64"}}
+    write_parts(tmp_path / "camera", 11)
+    records = run_line(tmp_path, items=items, mode=mode, batch_size=4)
+    assert len(records) == 11 and len({r["file"] for r in records}) == 11
+    for record in records:
+        left, right = record["items"]
+        assert (left["name"], right["name"]) == ("left", "right")
+        assert record["item"] in ("left", "right") and left["score"] != right["score"]
+        chosen = left if record["item"] == "left" else right
+        assert (record["score"], record["label"]) == (chosen["score"], chosen["label"])

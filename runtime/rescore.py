@@ -363,6 +363,7 @@ def answer_stream(
         # busy actor would only idle another
         compute=ray.data.ActorPoolStrategy(size=workers, max_tasks_in_flight_per_actor=1),
         num_cpus=cpus_per_worker,
+        scheduling_strategy="SPREAD",  # the workers over the nodes, not all on the first
     )
     return answers.iter_rows()
 

@@ -149,12 +149,13 @@ def test_rescore_writes_runs_records_and_resumes_after_a_kill(
 
 @pytest.fixture
 def two_node_cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    """A real Ray cluster of two nodes on this machine: a head and a worker node started as
-    separate processes (`ray start` twice), one CPU each; stopped after the test. Token
-    authentication on every process (the head's token file is shared on one machine)."""
+    """A real Ray cluster of two nodes on this machine: a head (two CPUs, so it can take over
+    a lost worker's actor) and a worker node (one CPU) started as separate processes (`ray
+    start` twice); stopped after the test. Token authentication on every process (the
+    head's token file is shared on one machine)."""
     monkeypatch.setenv("RAY_AUTH_MODE", "token")
     port = str(free_port())
-    head = ["ray", "start", "--head", "--port", port, "--num-cpus", "1",
+    head = ["ray", "start", "--head", "--port", port, "--num-cpus", "2",
             "--include-dashboard", "false", "--disable-usage-stats"]  # fmt: skip
     worker = ["ray", "start", "--address", f"127.0.0.1:{port}", "--num-cpus", "1"]
     try:
@@ -166,7 +167,21 @@ def two_node_cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
         subprocess.run(["ray", "stop", "--force"], capture_output=True, timeout=180)
 
 
-def test_rescore_on_a_two_node_cluster_uses_both_nodes(
+def worker_raylet() -> int:
+    """The pid of the worker node's raylet (the second node on this machine: `raylet.1`)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            arguments = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:  # not a process, or one that ended
+            continue
+        if any(argument.endswith(b"/sockets/raylet.1") for argument in arguments):
+            pids.append(int(entry.name))
+    assert len(pids) == 1, pids
+    return pids[0]
+
+
+def test_rescore_on_a_two_node_cluster_survives_losing_a_node(
     tmp_path: Path, bottle_dir: Path, vits14_package: Path, two_node_cluster: str
 ) -> None:
     archive = tmp_path / "archive"
@@ -182,8 +197,32 @@ def test_rescore_on_a_two_node_cluster_uses_both_nodes(
     assert done.returncode == 0, done.stdout + done.stderr
     summary = json.loads((tmp_path / "cluster" / "summary.json").read_text())
     assert len(summary["nodes"]) == 2 and sum(summary["nodes"].values()) == 12  # both nodes
-    expected, got = by_file(tmp_path / "run"), by_file(tmp_path / "cluster")
+    expected = by_file(tmp_path / "run")
+    same_as_run(expected, by_file(tmp_path / "cluster"))
+
+    # the worker node dies (its raylet SIGKILLed) after the first batch: Ray starts its
+    # actor again on the head, the batch in flight is scored again, nothing lost or doubled
+    rescore[-1] = str(tmp_path / "node-lost")
+    running = subprocess.Popen(rescore, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    journal = tmp_path / "node-lost" / "results.jsonl"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and running.poll() is None:
+        if journal.exists() and journal.read_text().count("\n") >= 1:
+            break
+        time.sleep(0.02)
+    written = journal.read_text().count("\n") if journal.exists() else 0
+    os.kill(worker_raylet(), signal.SIGKILL)
+    assert 0 < written < len(expected), "the node died after the end; nothing was at stake"
+    output, _ = running.communicate(timeout=600)
+    assert running.returncode == 0, output
+    records = results(tmp_path / "node-lost")
+    assert sorted(r["file"] for r in records) == sorted(expected)  # each part once
+    same_as_run(expected, {r["file"]: r for r in records})
+
+
+def same_as_run(expected: dict[str, dict], got: dict[str, dict]) -> None:
+    """The same parts with the same mutual and image scores (uncalibrated, batch by batch)."""
     assert sorted(got) == sorted(expected)
-    for name, record in expected.items():  # uncalibrated: the mutual scores, batch by batch
+    for name, record in expected.items():
         assert got[name]["raw_score"] == pytest.approx(record["raw_score"], abs=1e-5)
         assert got[name]["score"] == pytest.approx(record["score"], abs=1e-5)

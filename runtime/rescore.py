@@ -55,15 +55,34 @@ class ArchivedPart:
 
 def archive_parts(archive: Path, answered: set[Key]) -> list[ArchivedPart]:
     """The archive's images not answered yet, in the line's order (mtime, then path)."""
-    if not archive.is_dir():
-        raise UsageError(f"--archive {archive} is not a folder of images")
+    root, paths = archive_paths(archive)
     parts = []
-    for path in list_images(archive):
-        info = path.stat()
-        key = (str(path.relative_to(archive)), info.st_size, info.st_mtime_ns, info.st_ctime_ns)
+    for path in paths:
+        try:
+            info = path.stat()
+            key = (name_in(path, root), info.st_size, info.st_mtime_ns, info.st_ctime_ns)
+        except OSError:  # a listed file that is gone: an error record, the rest still scored
+            key = (name_in(path, root), 0, 0, 0)
         if key not in answered:
             parts.append(ArchivedPart(path, key))
     return sorted(parts, key=lambda part: (part.key[2], part.file))
+
+
+def archive_paths(archive: Path) -> tuple[Path, list[Path]]:
+    """The folder records name files from, and the images: a folder's (recursively), or
+    those a list file names, one path per line (relative to the list's folder; # comments)."""
+    if archive.is_dir():
+        return archive, list_images(archive)
+    if archive.is_file():
+        lines = (line.strip() for line in archive.read_text().splitlines())
+        listed = [line for line in lines if line and not line.startswith("#")]
+        return archive.parent, [archive.parent / line for line in listed]
+    raise UsageError(f"--archive {archive}: give a folder of images or a file listing them")
+
+
+def name_in(path: Path, root: Path) -> str:
+    """The file's name in its record: relative to the archive, else as given."""
+    return str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
 
 
 def plan_batches(parts: Sequence[ArchivedPart], batch_size: int) -> list[dict[str, Any]]:

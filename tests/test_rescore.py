@@ -119,6 +119,24 @@ def test_rescore_writes_runs_records_and_resumes_after_a_kill(
     table = pq.read_table(tmp_path / "whole" / "results.parquet").to_pylist()
     assert {row["file"]: row["score"] for row in table} == {n: r["score"] for n, r in got.items()}
 
+    # an archive given as a list of files, one of them gone: its error record, the rest scored
+    listing = tmp_path / "parts.txt"  # paths relative to the list's folder
+    chosen = [names[0], names[5], names[7]]
+    lines = [f"archive/{name}" for name in [*chosen, "line1/gone.png"]]
+    listing.write_text("# a list of archived parts\n" + "\n".join(lines) + "\n")
+    listed = subprocess.run(
+        [*CLI, "rescore", "--archive", str(listing), *common, "--out", str(tmp_path / "listed")],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert listed.returncode == 0, listed.stdout + listed.stderr
+    from_list = {
+        name.removeprefix("archive/"): r for name, r in by_file(tmp_path / "listed").items()
+    }
+    assert sorted(from_list) == sorted([*chosen, "line1/gone.png"])
+    assert from_list["line1/gone.png"]["error"] and from_list["line1/gone.png"]["score"] is None
+    for name in chosen:  # the calibrated score does not depend on the batch
+        assert from_list[name]["score"] == pytest.approx(got[name]["score"], abs=1e-5)
+
     # killed after its first batch, then started again: every part once, none scored twice
     out = tmp_path / "resumed"
     killed = subprocess.Popen(

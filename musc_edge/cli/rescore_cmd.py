@@ -16,7 +16,9 @@ console = Console(soft_wrap=True)  # long paths stay whole in logs, whatever the
 
 
 def rescore(
-    archive: Path = typer.Option(..., "--archive", help="Folder of archived part images."),
+    archive: Path = typer.Option(
+        ..., "--archive", help="Folder of archived part images, or a file listing them."
+    ),
     model: Path = typer.Option(..., "--model", help="Model package folder (musc-edge export)."),
     out: Path = typer.Option(
         ..., "--out", help="Results folder: results.jsonl (resumed), results.parquet, summary."

@@ -34,6 +34,7 @@ from musc_edge.images import ImageReadError, list_images, read_image
 from musc_edge.musc import RELIABLE_BATCH
 from musc_edge.runtime.journal import Journal
 from musc_edge.runtime.record import Key, ResultRecord, Timings
+from musc_edge.runtime.scoring import Item
 from musc_edge.runtime.verdicts import ANOMALOUS, Verdicts
 
 PARQUET_FILE = "results.parquet"
@@ -191,12 +192,11 @@ class BatchScorer:
             )
         return out
 
-    def items(self, parts: list[ArchivedPart]) -> tuple[list, dict[str, str]]:
+    def items(self, parts: list[ArchivedPart]) -> tuple[list[Item], dict[str, str]]:
         """The readable parts as the line's items (features extracted); why the rest failed."""
         import torch
 
         from musc_edge.runtime.camera import Arrival
-        from musc_edge.runtime.scoring import Item
 
         arrivals, failed = [], {}
         for part in parts:
@@ -212,10 +212,17 @@ class BatchScorer:
         if not arrivals:
             return [], failed
         started = time.perf_counter()
-        tokens, embeddings = self.runner(np.stack([self.preprocess(a.image) for a in arrivals]))
+        images = np.stack([self.preprocess(a.image) for a in arrivals])
+        step = self.package.max_batch  # an engine's largest batch, as the line takes them
+        chunks = [
+            self.runner(images[start : start + step]) for start in range(0, len(images), step)
+        ]
         per_image_ms = 1000 * (time.perf_counter() - started) / len(arrivals)
-        tokens = [layer.to(torch.float32) for layer in tokens]
-        embeddings = embeddings.to(torch.float32)
+        tokens = [
+            torch.cat(layer).to(torch.float32)
+            for layer in zip(*(c[0] for c in chunks), strict=True)
+        ]
+        embeddings = torch.cat([c[1] for c in chunks]).to(torch.float32)
         no_preview = np.zeros((1, 1, 3), np.uint8)  # a re-score draws no overlays
         items = [
             Item(

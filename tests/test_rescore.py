@@ -169,8 +169,9 @@ def test_rescore_writes_runs_records_and_resumes_after_a_kill(
 def two_node_cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """A real Ray cluster of two nodes on this machine: a head (two CPUs, so it can take over
     a lost worker's actor) and a worker node (one CPU) started as separate processes (`ray
-    start` twice); stopped after the test. Token authentication on every process (the
-    head's token file is shared on one machine)."""
+    start` twice); stopped after the test with `ray stop --force`, which stops every Ray
+    instance of the machine (none other runs in CI). Token authentication on every process
+    (the head's token file is shared on one machine)."""
     monkeypatch.setenv("RAY_AUTH_MODE", "token")
     port = str(free_port())
     head = ["ray", "start", "--head", "--port", port, "--num-cpus", "2",

@@ -36,7 +36,7 @@ from musc_edge.runtime.outputs import preview
 from musc_edge.runtime.record import ResultRecord
 from musc_edge.runtime.runners import Runner
 from musc_edge.runtime.schedulers import SCHEDULERS, Scheduler, Scored
-from musc_edge.runtime.scoring import Item
+from musc_edge.runtime.scoring import Item, per_part
 from musc_edge.runtime.settings import LineSettings
 from musc_edge.runtime.sinks import SinkSetup, open_sinks
 
@@ -325,8 +325,7 @@ class Line:
             inspection.verdicts.decide([answers[index] for answers in parts])
             for index, inspection in enumerate(self.inspections)
         ]
-        verdicts = [list(part) for part in zip(*per_inspection, strict=True)]
-        records, batch_ms = self.parts.committer.answers(parts, verdicts, scoring)
+        records, batch_ms = self.parts.committer.answers(parts, per_part(per_inspection), scoring)
         stats = self.stats
         stats.last_batch_ms = batch_ms
         stats.batches += 1

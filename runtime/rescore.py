@@ -343,13 +343,15 @@ def judged(
     return records
 
 
-def write_parquet(journal: Journal, out: Path) -> Path:
-    """Every record of the journal as one Parquet table (timings as their JSON text)."""
+def write_outputs(journal: Journal, out: Path, summary: Summary) -> None:
+    """One pass over the journal: every record into the summary and into one Parquet table
+    (timings and items as their JSON text), then summary.json."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     rows = []
     for record in journal.records():
+        summary.add(record)
         row = record.to_dict()
         row["timings"] = json.dumps(row["timings"])
         row["items"] = None if row["items"] is None else json.dumps(row["items"])
@@ -357,7 +359,7 @@ def write_parquet(journal: Journal, out: Path) -> Path:
     path = out / PARQUET_FILE
     pq.write_table(pa.Table.from_pylist(rows), path.with_suffix(".parquet.tmp"))
     path.with_suffix(".parquet.tmp").replace(path)
-    return path
+    (out / SUMMARY_FILE).write_text(json.dumps(summary.to_dict(), indent=2) + "\n")
 
 
 def answer_stream(
@@ -423,8 +425,8 @@ def run_rescore(
         known_good = KnownGood(load_calibration(calibration, package))
     # labels as the line gives them (the calibration's threshold, else the history's); the
     # --threshold values are what-ifs for the summary
+    # (its KnownGood refreshes nothing: a re-score never lets parts join the references)
     verdicts = Verdicts.for_line(None, known_good, journal.records(), batch_size)
-    verdicts.known_good = None  # a re-score never lets parts join the known-good references
     parts = archive_parts(archive, journal.keys)
     rows = plan_batches(parts, batch_size)
     summary = Summary(list(thresholds))
@@ -448,8 +450,5 @@ def run_rescore(
                 on_batch(done, len(parts))
         finally:
             ray.shutdown()
-    write_parquet(journal, out)
-    for record in journal.records():
-        summary.add(record)
-    (out / SUMMARY_FILE).write_text(json.dumps(summary.to_dict(), indent=2) + "\n")
+    write_outputs(journal, out, summary)
     return summary

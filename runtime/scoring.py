@@ -16,8 +16,9 @@ line's judge's business (`verdicts.py`), not this module's.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -62,11 +63,12 @@ class Answer:
 
 Part = list[Item]  # one image's items, one per inspection item, in the line's order
 PartAnswers = list["Answer"]  # their answers, in the same order
+T = TypeVar("T")
 
 
-def per_part(per_inspection: list[list[Answer]]) -> list[PartAnswers]:
-    """Each inspection's answers (same parts, same order) regrouped as each part's answers."""
-    return [list(answers) for answers in zip(*per_inspection, strict=True)]
+def per_part(per_inspection: Sequence[Sequence[T]]) -> list[list[T]]:
+    """Each inspection's answers or verdicts (same parts, same order) regrouped per part."""
+    return [list(values) for values in zip(*per_inspection, strict=True)]
 
 
 def stack_items(items: list[Item]) -> tuple[list[torch.Tensor], torch.Tensor]:

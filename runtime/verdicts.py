@@ -246,8 +246,9 @@ class Verdicts:
         return verdicts
 
     def _offer(self, answer: Answer, verdict: str | None) -> bool:
-        """--refresh-references: a clearly normal part may join the known-good references."""
-        if self.known_good is None or verdict != NORMAL:
+        """--refresh-references: a clearly normal part may join the known-good references
+        (nothing is gathered for the offer when refreshing is off)."""
+        if self.known_good is None or not self.known_good.refresh or verdict != NORMAL:
             return False
         item = answer.item
         joined = Joined(item.arrival.file, answer.sets, item.embedding, answer.raw_score)

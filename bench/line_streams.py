@@ -29,6 +29,7 @@ from musc_edge.errors import UsageError
 from musc_edge.images import list_images
 from musc_edge.musc import MuSc
 from musc_edge.package import ModelPackage
+from musc_edge.runtime.backends import LocalBackend
 from musc_edge.runtime.inspections import margin
 from musc_edge.runtime.line import Line
 from musc_edge.runtime.runners import Runner
@@ -177,7 +178,7 @@ def run_stream(
         write_stream(parts, camera)
         line_settings = line_settings_of(camera, out, settings)
         started = time.perf_counter()
-        line = Line(line_settings, package, runner, musc)
+        line = Line(line_settings, LocalBackend(package, runner, musc))
         line.run()
         seconds = time.perf_counter() - started
         report = stream_report(parts, list(line.journal.records()))

@@ -23,6 +23,7 @@ from musc_edge.errors import UsageError
 from musc_edge.images import list_images
 from musc_edge.musc import MuSc
 from musc_edge.package import ModelPackage
+from musc_edge.runtime.backends import LocalBackend
 from musc_edge.runtime.line import Line
 from musc_edge.runtime.runners import Runner
 from musc_edge.runtime.settings import LineSettings
@@ -107,7 +108,7 @@ def run_once(
             camera, out, watch=False, settle=0.0, poll=0.05, sinks=sinks, **settings
         )
         started = time.perf_counter()
-        line = Line(line_settings, package, runner, musc)
+        line = Line(line_settings, LocalBackend(package, runner, musc))
         opened = time.perf_counter()
         line.run()
         ended = time.perf_counter()

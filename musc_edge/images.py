@@ -240,7 +240,16 @@ class Preprocess:
 
     def __call__(self, image_bgr: np.ndarray) -> np.ndarray:
         """(H, W, 3) uint8 BGR -> (3, height, width) float32 normalised RGB."""
-        rgb = cv2.cvtColor(resize(image_bgr, self.image_size, self.resize), cv2.COLOR_BGR2RGB)
+        return self.normalise(self.resized(image_bgr))
+
+    def resized(self, image_bgr: np.ndarray) -> np.ndarray:
+        """The image at the backbone's size, still 8-bit BGR: what a station sends to a
+        scoring service (a third of the float tensor's bytes, docs/deployment.md)."""
+        return resize(image_bgr, self.image_size, self.resize)
+
+    def normalise(self, resized_bgr: np.ndarray) -> np.ndarray:
+        """A `resized` image -> (3, height, width) float32 normalised RGB."""
+        rgb = cv2.cvtColor(resized_bgr, cv2.COLOR_BGR2RGB)
         scaled = rgb.astype(np.float32) / 255.0
         normalised = (scaled - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
         return np.ascontiguousarray(normalised.transpose(2, 0, 1))

@@ -1,7 +1,8 @@
 """The camera-folder line: watch, extract on arrival, schedule the scoring, commit.
 
 Its collaborators, built once by `LineParts.build`, each have one job: the camera folder
-(`camera.py`) hands out complete files, the scheduler (`schedulers.py`, one per `--mode`) says
+(`camera.py`) hands out complete files, the backend (`backends.py`: this device, or a plant's
+scoring service) prepares them, the scheduler (`schedulers.py`, one per `--mode`) says
 when items are scored, `Verdicts` (`verdicts.py`) turns answers into labels and flags, and the
 committer (`commits.py`) writes each commit's records through the sinks in the crash-safe
 order `musc_edge.runtime.sinks` states. The journal is the only state: whatever it lacks after a
@@ -17,34 +18,24 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import torch
 
 from musc_edge.errors import UsageError
-from musc_edge.musc import MuSc
-from musc_edge.package import ModelPackage
-from musc_edge.parallel import usable_cores
 from musc_edge.profile import Profile
 from musc_edge.region import RegionOutsideImage
+from musc_edge.runtime.backends import Backend
 from musc_edge.runtime.camera import Arrival, CameraDir
 from musc_edge.runtime.commits import Committer
 from musc_edge.runtime.counts import Counts
 from musc_edge.runtime.health import LineHealth
-from musc_edge.runtime.inspections import Inspection, inspections_of
+from musc_edge.runtime.inspections import Inspection
 from musc_edge.runtime.journal import Journal
 from musc_edge.runtime.lock import OutFolderLock
 from musc_edge.runtime.outputs import preview
 from musc_edge.runtime.record import ResultRecord
-from musc_edge.runtime.runners import Runner
-from musc_edge.runtime.schedulers import SCHEDULERS, Scheduler, Scored
+from musc_edge.runtime.schedulers import Scheduler, Scored
 from musc_edge.runtime.scoring import Item, per_part
 from musc_edge.runtime.settings import LineSettings
 from musc_edge.runtime.sinks import SinkSetup, open_sinks
-
-
-def overlap_helps() -> bool:
-    """Whether extracting the next images while a batch is scored pays here: with a GPU, or
-    with more than one core (measured on two: 14 % less time per part, docs/benchmarks.md)."""
-    return torch.cuda.is_available() or usable_cores() > 1
 
 
 @dataclass
@@ -77,17 +68,10 @@ class LineParts:
     committer: Committer
 
     @classmethod
-    def build(
-        cls,
-        settings: LineSettings,
-        package: ModelPackage,
-        runner: Runner,
-        musc: MuSc,
-        profile: Profile,
-    ) -> LineParts:
+    def build(cls, settings: LineSettings, backend: Backend, profile: Profile) -> LineParts:
         out_dir = settings.out_dir
         journal = Journal(out_dir)
-        refuse_other_model(journal, package)
+        refuse_other_model(journal, backend.model_sha256, backend.model_name)
         health = LineHealth(out_dir)
         camera = CameraDir(
             settings.camera_dir,
@@ -100,39 +84,21 @@ class LineParts:
             ignore=settings.ignore,
             full_resolution=settings.boxed,
         )
-        inspections = inspections_of(settings, package, musc.precision.dtype, journal.records)
-        known_good = [inspection.known_good for inspection in inspections]
-        overlap = overlap_helps() if settings.overlap is None else settings.overlap
-        options = {"overlap": overlap} if settings.mode == "batch" else {}
-        scheduler = SCHEDULERS[settings.mode](
-            musc,
-            settings.batch_size,
-            settings.map_norm.value,
-            known_good,
-            package.max_batch,
-            settings.max_wait if settings.watch else None,
-            **options,
-        )
+        inspections = backend.inspections(settings, journal.records)
+        scheduler = backend.scheduler(settings, [i.known_good for i in inspections])
         run_info = {
             "mode": settings.mode.value,
             "camera_dir": str(settings.camera_dir),
-            "model": str(package.folder),
-            "model_sha256": package.sha256,
-            "backbone": package.backbone,
-            "image_size": package.image_size,
-            "engine": runner.description,
-            "msm_precision": musc.precision.value,
-            "window": musc.window,  # positional MSM (docs/positional.md), None: global
-            "musc": {"r_list": musc.r_list, "frac": musc.frac, "k_list": musc.k_list},
+            **backend.run_info(),
             **inspections_info(inspections),
             "map_norm": settings.map_norm.value,
-            "overlap": bool(options.get("overlap")),
+            "overlap": scheduler.overlaps,
         }
         setup = SinkSetup(out_dir, journal, run_info, health=health)
         sinks = open_sinks(setup, settings.sinks)
         mode = settings.mode.value
         committer = Committer(
-            out_dir, journal, sinks, scheduler, inspections, mode, package.sha256, profile
+            out_dir, journal, sinks, scheduler, inspections, mode, backend.model_sha256, profile
         )
         return cls(journal, health, camera, inspections, scheduler, committer)
 
@@ -192,15 +158,15 @@ def cut_arrival(arrival: Arrival, inspections: list[Inspection]) -> list[np.ndar
     return cuts
 
 
-def refuse_other_model(journal: Journal, package: ModelPackage) -> None:
+def refuse_other_model(journal: Journal, sha256: str, name: object) -> None:
     """An out folder holds one model's answers: its threshold history and batches must not
-    mix two models (another export, another image size)."""
-    others = journal.models - {package.sha256}
+    mix two models (another export, another image size); `name` says where the model is."""
+    others = journal.models - {sha256}
     if others:
         raise UsageError(
             f"{journal.path} holds results scored by another model package "
-            f"(model_sha256 {sorted(others)[0][:16]}...); {package.folder} is "
-            f"{package.sha256[:16]}... Give this package a new --out folder, or move the "
+            f"(model_sha256 {sorted(others)[0][:16]}...); {name} is "
+            f"{sha256[:16]}... Give this package a new --out folder, or move the "
             "old results aside"
         )
 
@@ -211,22 +177,18 @@ class Line:
     def __init__(
         self,
         settings: LineSettings,
-        package: ModelPackage,
-        runner: Runner,
-        musc: MuSc,
+        backend: Backend,
         on_update: Callable[[LineStats], None] | None = None,
     ) -> None:
         if not settings.camera_dir.is_dir():
             raise UsageError(f"camera folder {settings.camera_dir} does not exist")
         self.settings = settings
-        self.runner = runner
-        self.preprocess = package.preprocessing()
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.backend = backend
         self.on_update = on_update or (lambda stats: None)
         self.stats = LineStats()
         self.lock = OutFolderLock(settings.out_dir)
         try:
-            self.parts = LineParts.build(settings, package, runner, musc, self.stats.profile)
+            self.parts = LineParts.build(settings, backend, self.stats.profile)
         except BaseException:
             self.lock.release()
             raise
@@ -253,7 +215,8 @@ class Line:
         while True:
             self.camera.scan()
             self.parts.health.report("camera", self.camera.problem)
-            self.stats.problem = self.camera.problem
+            self.parts.health.report("scoring", self.scheduler.problem)
+            self.stats.problem = self.camera.problem or self.scheduler.problem
             stopping = stop.is_set()
             worked = False
             if not stopping:
@@ -275,7 +238,8 @@ class Line:
                 self.scheduler.wait(stop, self.settings.poll)
 
     def _receive(self, arrivals: list[Arrival]) -> None:
-        """Errors are recorded at once; images get their features now, not when scored."""
+        """Errors are recorded at once; images are prepared now (features extracted, or
+        resized for a scoring service), not when scored."""
         cuts = [cut_arrival(arrival, self.inspections) for arrival in arrivals]
         failures = [a for a in arrivals if a.error is not None]
         if failures:
@@ -288,32 +252,24 @@ class Line:
         with features.stage("features"):
             for index, inspection in enumerate(self.inspections):
                 images = [cut[index] for _, cut in good]
-                per_inspection.append((inspection, images, self._features(images)))
+                per_inspection.append((inspection, images, self.backend.prepare(images)))
         self.stats.profile.add(features)
         per_image_ms = features.ms["features"] / len(good)
         parts = [[] for _ in good]
-        for inspection, images, (tokens, embeddings) in per_inspection:
+        for inspection, images, prepared in per_inspection:
             for index, (arrival, _) in enumerate(good):
                 parts[index].append(
                     Item(
                         arrival,
-                        [layer[index] for layer in tokens],
-                        embeddings[index],
-                        preview(images[index]),
-                        arrival.shape,
-                        per_image_ms,
-                        inspection.region,
+                        preview=preview(images[index]),
+                        shape=arrival.shape,
+                        features_ms=per_image_ms,
+                        region=inspection.region,
+                        **{"tokens": None, "embedding": None, **prepared[index]},
                     )
                 )
         for scored in self.scheduler.add(parts):
             self._commit(scored)
-
-    def _features(self, images: list[np.ndarray]) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """The backbone's tokens (per layer) and embeddings of the images, on the scoring
-        device in float32."""
-        tokens, embeddings = self.runner(np.stack([self.preprocess(image) for image in images]))
-        tokens = [layer.to(self.device, torch.float32) for layer in tokens]
-        return tokens, embeddings.to(self.device, torch.float32)
 
     def _commit(self, scored: Scored) -> None:
         """One commit of scored images: verdicts, then records through every sink."""

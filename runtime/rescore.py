@@ -194,8 +194,6 @@ class BatchScorer:
 
     def items(self, parts: list[ArchivedPart]) -> tuple[list[Item], dict[str, str]]:
         """The readable parts as the line's items (features extracted); why the rest failed."""
-        import torch
-
         from musc_edge.runtime.camera import Arrival
 
         arrivals, failed = [], {}
@@ -213,16 +211,8 @@ class BatchScorer:
             return [], failed
         started = time.perf_counter()
         images = np.stack([self.preprocess(a.image) for a in arrivals])
-        step = self.package.max_batch  # an engine's largest batch, as the line takes them
-        chunks = [
-            self.runner(images[start : start + step]) for start in range(0, len(images), step)
-        ]
+        tokens, embeddings = self.runner.in_chunks(images)  # as the line takes them
         per_image_ms = 1000 * (time.perf_counter() - started) / len(arrivals)
-        tokens = [
-            torch.cat(layer).to(torch.float32)
-            for layer in zip(*(c[0] for c in chunks), strict=True)
-        ]
-        embeddings = torch.cat([c[1] for c in chunks]).to(torch.float32)
         no_preview = np.zeros((1, 1, 3), np.uint8)  # a re-score draws no overlays
         items = [
             Item(
@@ -419,7 +409,7 @@ def run_rescore(
 
     package = load_package(model)
     journal = Journal(out)
-    refuse_other_model(journal, package)
+    refuse_other_model(journal, package.sha256, package.folder)
     known_good = None
     if calibration is not None:
         known_good = KnownGood(load_calibration(calibration, package))

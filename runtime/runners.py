@@ -162,6 +162,14 @@ class Runner(ABC):
         self.last_ms = (time.perf_counter() - started) * 1000
         return features
 
+    def in_chunks(self, batch: np.ndarray) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Any number of images as calls of at most the package's max_batch (the batch an
+        engine was built for), joined again in float32."""
+        step = self.package.max_batch
+        chunks = [self(batch[start : start + step]) for start in range(0, len(batch), step)]
+        tokens = [torch.cat(layer).float() for layer in zip(*(c[0] for c in chunks), strict=True)]
+        return tokens, torch.cat([c[1] for c in chunks]).float()
+
     @abstractmethod
     def infer_impl(self, batch: np.ndarray) -> tuple[list[torch.Tensor], torch.Tensor]:
         """The engine's own call, on a batch already checked."""

@@ -93,6 +93,16 @@ class Scheduler:
         """Items held or being scored."""
         return self.held > 0
 
+    @property
+    def overlaps(self) -> bool:
+        """Whether a batch is scored while the loop extracts the next items."""
+        return False
+
+    @property
+    def problem(self) -> str | None:
+        """Why parts cannot be scored now (a scoring service that does not answer), or None."""
+        return None
+
     def batch_number(self, journal: Journal) -> int:
         """The batch the next commit belongs to (failures: the one being collected)."""
         raise NotImplementedError
@@ -178,6 +188,10 @@ class BatchScheduler(Scheduler):
     @property
     def busy(self) -> bool:
         return bool(self.in_hand) or self.scoring is not None
+
+    @property
+    def overlaps(self) -> bool:
+        return self.worker is not None
 
     def batch_number(self, journal: Journal) -> int:
         records = journal.last_batch_records

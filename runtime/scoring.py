@@ -34,15 +34,17 @@ from musc_edge.visualize import normalise_maps
 
 @dataclass
 class Item:
-    """An image whose features are extracted, waiting for its score."""
+    """An image ready to be scored: its features extracted here, or (a station of a plant's
+    scoring service, `runtime/remote.py`) its pixels resized for the service."""
 
     arrival: Arrival
-    tokens: list[torch.Tensor]  # (L, C) per layer
-    embedding: torch.Tensor  # (D,)
+    tokens: list[torch.Tensor] | None  # (L, C) per layer; None: scored remotely
+    embedding: torch.Tensor | None  # (D,); None: scored remotely
     preview: np.ndarray  # BGR, for the overlay
     shape: tuple[int, int]  # the original image's (H, W), for the mask
     features_ms: float
     region: Region | None = None  # the box of the image these features are of; None: all
+    pixels: np.ndarray | None = None  # at the backbone's size, 8-bit BGR, for the service
 
 
 @dataclass

@@ -29,6 +29,7 @@ from musc_edge.cli import app
 from musc_edge.images import Preprocess
 from musc_edge.musc import MuSc
 from musc_edge.package import ONNX_FILE, PARITY_REFERENCE_FILE, ModelPackage
+from musc_edge.runtime.backends import LocalBackend
 from musc_edge.runtime.journal import RESULTS_FILE
 from musc_edge.runtime.line import Line
 from musc_edge.runtime.runners import Runner
@@ -116,7 +117,7 @@ def make_line(tmp_path: Path, **settings) -> Line:
     out_dir = settings.pop("out_dir", tmp_path / "out")
     options = {"settle": 0.0, "poll": 0.01, "watch": False, "batch_size": 4, **settings}
     line_settings = LineSettings(tmp_path / "camera", out_dir, **options)
-    return Line(line_settings, package, PooledColours(package), MuSc())
+    return Line(line_settings, LocalBackend(package, PooledColours(package), MuSc()))
 
 
 def write_parts(folder: Path, count: int, start: int = 0) -> list[str]:

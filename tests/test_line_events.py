@@ -28,6 +28,7 @@ from musc_edge.bench.synthetic import part_image
 from musc_edge.errors import UsageError
 from musc_edge.musc import MuSc
 from musc_edge.package import load_package
+from musc_edge.runtime.backends import LocalBackend
 from musc_edge.runtime.health import HEALTH_FILE
 from musc_edge.runtime.line import Line
 from musc_edge.runtime.runners import open_runner
@@ -242,7 +243,7 @@ def test_another_package_on_the_same_out_folder_is_refused(tmp_path: Path) -> No
     other = write_package(tmp_path / "pkg112", image_size=112, layers=[1, 2])
     settings = LineSettings(tmp_path / "camera", tmp_path / "out", watch=False)
     with pytest.raises(UsageError, match="another model package"):
-        Line(settings, other, PooledColours(other), MuSc())
+        Line(settings, LocalBackend(other, PooledColours(other), MuSc()))
     make_line(tmp_path).run()  # the lock was released: the right package still runs
 
 
@@ -304,7 +305,7 @@ def test_a_broken_bottle_alone_at_the_end_is_never_passed(
 
     def run(out: str) -> list[dict]:
         settings = LineSettings(camera, tmp_path / out, batch_size=8, watch=False, settle=0.0)
-        Line(settings, package, runner, MuSc.for_package(package)).run()
+        Line(settings, LocalBackend(package, runner, MuSc.for_package(package))).run()
         return results(tmp_path / out)
 
     records = run("out")

@@ -22,6 +22,7 @@ from musc_edge.cli import app
 from musc_edge.images import is_image_name
 from musc_edge.musc import MuSc
 from musc_edge.package import ONNX_FILE
+from musc_edge.runtime.backends import LocalBackend
 from musc_edge.runtime.camera import CameraDir
 from musc_edge.runtime.journal import RESULTS_FILE, Journal, JournalError
 from musc_edge.runtime.line import Line
@@ -148,7 +149,7 @@ def test_overlap_extracts_the_next_images_while_a_batch_is_scored(
         overlap=overlap,
     )
     musc = SlowMuSc()
-    line = Line(settings, package, PooledColours(package), musc)
+    line = Line(settings, LocalBackend(package, PooledColours(package), musc))
     musc.line = line
     stats = line.run()
 

@@ -35,6 +35,7 @@ from musc_edge.musc import MuSc
 from musc_edge.package import load_package
 from musc_edge.runtime import sinks
 from musc_edge.runtime.addresses import is_loopback
+from musc_edge.runtime.backends import LocalBackend
 from musc_edge.runtime.journal import RESULTS_FILE, Journal
 from musc_edge.runtime.line import Line
 from musc_edge.runtime.record import ResultRecord, Timings
@@ -372,7 +373,10 @@ def screenshot_line(request: pytest.FixtureRequest, tmp_path: Path) -> Line:
     """The docs screenshot's line: the real dinov2-vits14 package at 224 px, ONNX Runtime."""
     package = load_package(request.getfixturevalue("vits14_package"))
     settings = LineSettings(tmp_path / "camera", tmp_path / "out", settle=0.0, poll=0.01, **LINE)
-    return Line(settings, package, open_runner(package, "onnxruntime"), MuSc.for_package(package))
+    return Line(
+        settings,
+        LocalBackend(package, open_runner(package, "onnxruntime"), MuSc.for_package(package)),
+    )
 
 
 def bottle_images(count: int) -> list[Path]:

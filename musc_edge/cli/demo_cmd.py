@@ -34,6 +34,7 @@ def demo(
     from musc_edge.bench.synthetic import write_parts
     from musc_edge.models.weights import ensure_fetched
     from musc_edge.musc import MuSc
+    from musc_edge.runtime.backends import LocalBackend
     from musc_edge.runtime.line import Line
     from musc_edge.runtime.runners import open_runner
     from musc_edge.runtime.settings import LineSettings
@@ -53,7 +54,8 @@ def demo(
         console.rule("4/4 the line, once over the folder")
         settings = LineSettings(camera, results, watch=False, settle=0.0, poll=0.1)
         line = Line(
-            settings, package, open_runner(package, engine.value), MuSc.for_package(package)
+            settings,
+            LocalBackend(package, open_runner(package, engine.value), MuSc.for_package(package)),
         )
         line.run()
     records = list(line.journal.records())

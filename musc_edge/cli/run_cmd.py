@@ -193,6 +193,7 @@ def run_line(settings: RunSettings, stop: threading.Event) -> None:
     """Load the package, open the line (and the live view), and run until stopped."""
     from musc_edge.musc import MuSc
     from musc_edge.package import load_package
+    from musc_edge.runtime.backends import LocalBackend
     from musc_edge.runtime.line import Line
     from musc_edge.runtime.runners import open_runner
 
@@ -206,7 +207,7 @@ def run_line(settings: RunSettings, stop: threading.Event) -> None:
     )
     musc = MuSc.for_package(package, settings.msm_precision, window=settings.window)
     with live_view(settings.out_dir, settings.serve, settings.allow_remote):
-        line = Line(settings, package, runner, musc)
+        line = Line(settings, LocalBackend(package, runner, musc))
         console.print(
             f"[bold]musc-edge run[/] {settings.camera_dir} -> {settings.out_dir}\n"
             f"model {package.folder} ({package.backbone} at {package.image_size}px), "

@@ -73,6 +73,7 @@ class LineParts:
         journal = Journal(out_dir)
         refuse_other_model(journal, backend.model_sha256, backend.model_name)
         health = LineHealth(out_dir)
+        inspections = backend.inspections(settings, journal.records)
         camera = CameraDir(
             settings.camera_dir,
             journal.keys,
@@ -82,9 +83,9 @@ class LineParts:
             max_pixels=settings.max_pixels,
             answered_content=journal.contents,
             ignore=settings.ignore,
-            full_resolution=settings.boxed,
+            # boxes are given in the file's own pixels: large frames are then decoded whole
+            full_resolution=any(inspection.region for inspection in inspections),
         )
-        inspections = backend.inspections(settings, journal.records)
         scheduler = backend.scheduler(settings, [i.known_good for i in inspections])
         run_info = {
             "mode": settings.mode.value,
@@ -127,16 +128,14 @@ def inspections_info(inspections: list[Inspection]) -> dict[str, Any]:
 
 def inspection_info(inspection: Inspection) -> dict[str, Any]:
     """One inspection's box and where its threshold comes from."""
-    known_good = inspection.known_good
+    known_good, judge = inspection.known_good, inspection.verdicts.judge
     return {
         "threshold_basis": inspection.verdicts.basis,
         "calibration": str(inspection.calibration) if inspection.calibration else None,
         "region": inspection.region.to_json() if inspection.region else None,  # x, y, w, h
-        "known_good_parts": len(known_good) if known_good else 0,
-        # how sure the calibration's threshold is (musc_edge/calibration.py)
-        "frr_upper_bound": (
-            known_good.calibration.summary()["frr_upper_bound"] if known_good else None
-        ),
+        # the judge's parts when they are elsewhere (a station of a scoring service)
+        "known_good_parts": len(known_good) if known_good else judge.parts,
+        "frr_upper_bound": judge.frr_upper_bound,  # how sure the calibration's threshold is
     }
 
 

@@ -148,19 +148,16 @@ class BatchScorer:
     ) -> list[dict[str, Any]]:
         """One batch's answers (and its unreadable files), in the batch's order."""
         from musc_edge.profile import Profile
-        from musc_edge.runtime.scoring import Window, score_batch
+        from musc_edge.runtime.scoring import score_after
 
         items, failed = self.items(parts)
-        window = None
-        if previous:
-            window = Window(self.batch_size, self.musc.precision.dtype)
-            earlier, _ = self.items(previous)
-            if earlier:
-                score_batch(earlier, self.musc, "batch", self.known_good, window)
+        earlier = self.items(previous)[0] if previous else []
         profile = Profile()
         with profile.stage("score"):
             scored = (
-                score_batch(items, self.musc, "batch", self.known_good, window) if items else []
+                score_after(items, earlier, self.musc, "batch", self.known_good, self.batch_size)
+                if items
+                else []
             )
         by_file = {answer.item.arrival.file: answer for answer in scored}
         score_ms = profile.ms.get("score", 0.0)

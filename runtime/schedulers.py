@@ -125,12 +125,14 @@ class BatchScheduler(Scheduler):
     def __init__(self, *args, overlap: bool = False, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.in_hand: list[Part] = []
-        # the last batch: the references of a partial batch (the tail of a run), per item
-        dtype = self.musc.precision.dtype
-        self.recent_parts = [Window(self.batch_size, dtype) for _ in self.known_good]
+        self.recent_parts = self.windows()
         # with overlap one batch is scored in this thread while the loop extracts the next
         self.worker = ThreadPoolExecutor(1, "musc-score") if overlap else None
         self.scoring: Future[Scored] | None = None  # the batch in flight
+
+    def windows(self) -> list[Window]:
+        """The last batch, per item: the references of a partial batch (the tail of a run)."""
+        return [Window(self.batch_size, self.musc.precision.dtype) for _ in self.known_good]
 
     def room(self) -> int:
         room = self.batch_size - len(self.in_hand)

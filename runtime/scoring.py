@@ -172,6 +172,24 @@ def score_batch(
     return answers
 
 
+def score_after(
+    items: list[Item],
+    previous: list[Item],
+    musc: MuSc,
+    map_norm: str,
+    known_good: KnownGood | None,
+    window_size: int,
+    profile: Profile | None = None,
+) -> list[Answer]:
+    """A batch scored as the line scores it, away from the line (a re-score, a scoring
+    service): `previous`, the line's last batch, is scored first to rebuild the window a batch
+    too small to be judged alone is compared with (the same window when it was one batch)."""
+    window = Window(window_size, musc.precision.dtype)
+    if previous:
+        score_batch(previous, musc, map_norm, known_good, window)
+    return score_batch(items, musc, map_norm, known_good, window, profile)
+
+
 def guard_flags(musc: MuSc, sets: list[torch.Tensor]) -> list[bool]:
     """The zero-shot repeated-defect guard over one batch (musc_edge/consistency.py)."""
     columns = musc.grid_of(sets[0].shape[1])[1]

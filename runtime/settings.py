@@ -13,7 +13,7 @@ import dataclasses
 import difflib
 import enum
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -144,12 +144,6 @@ class LineSettings:
         if self.refresh_references and self.calibration is None and not self.items:
             raise ValueError("--refresh-references needs a --calibration to refresh")
 
-    @property
-    def boxed(self) -> bool:
-        """Whether images are cut to boxes given in the file's own pixels (a region or
-        items): large frames are then decoded whole, not reduced."""
-        return self.region is not None or bool(self.items)
-
 
 @dataclass(config=CONFIG)
 class RunSettings(LineSettings):
@@ -163,11 +157,36 @@ class RunSettings(LineSettings):
     allow_random_init: bool = False
     serve: str | None = None  # live view at HOST:PORT
     allow_remote: bool = False
+    # a station of a plant's scoring service (runtime/remote.py): its URL and the line's name
+    remote: str | None = None
+    line: str | None = None
+    remote_timeout: float = Field(120.0, gt=0)  # seconds a batch may take at the service
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.model is None:
+        if self.remote is not None:
+            self._check_station()
+        elif self.model is None:
             raise ValueError("--model is required (on the command line or in a --config file)")
+
+    def _check_station(self) -> None:
+        """What a station takes from the service is not given here too."""
+        if not self.line:
+            raise ValueError("--remote needs --line NAME: the line of plant.yaml this camera is")
+        given = {
+            "--model": self.model is not None,
+            "--calibration": self.calibration is not None,
+            "--region": self.region is not None,
+            "--item": bool(self.items),
+            "--window": self.window is not None,
+            "--refresh-references": bool(self.refresh_references),
+            "--mode rolling": self.mode == Mode.rolling,
+        }
+        if clash := [flag for flag, on in given.items() if on]:
+            raise ValueError(
+                f"{', '.join(clash)}: with --remote the service's plant.yaml gives the line's "
+                "package, calibration and box, and scores whole batches; leave them out"
+            )
 
 
 def parse_item(text: str) -> tuple[str, dict[str, Any]]:
@@ -207,13 +226,7 @@ def load_settings(
     data = {ALIASES.get(key, key): value for key, value in values.items()}
     where = (lambda key: source.get(key, key)) if isinstance(source, Mapping) else None
     for key in data:
-        if key not in FIELDS:
-            close = difflib.get_close_matches(key, FIELDS, n=1)
-            hint = f" (did you mean {close[0]}?)" if close else ""
-            label = where(key) if where else f"{source}: {key}"
-            raise UsageError(
-                f"{label}: unknown key{hint}; the keys are {', '.join(sorted(FIELDS))}"
-            )
+        refuse_unknown(key, FIELDS, where(key) if where else f"{source}: {key}")
     if "camera_dir" not in data:
         raise UsageError("--camera-dir is required (on the command line or in a --config file)")
     try:
@@ -222,6 +235,16 @@ def load_settings(
         raise UsageError(
             settings_problem(error, where or (lambda key: f"{source}: {key}"))
         ) from None
+
+
+def refuse_unknown(key: str, known: Iterable[str], label: str) -> None:
+    """A key no setting has: one UsageError naming it, the closest known key and all of them."""
+    known = sorted(known)
+    if key in known:
+        return
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    raise UsageError(f"{label}: unknown key{hint}; the keys are {', '.join(known)}")
 
 
 def settings_problem(error: ValidationError, label: Any = lambda key: key) -> str:

@@ -74,6 +74,8 @@ class Judge:
 
     basis = "none"
     calibrated = False
+    parts = 0  # known-good parts behind the threshold
+    frr_upper_bound: float | None = None  # how sure it is (musc_edge/calibration.py)
 
     def threshold(self, scores: Sequence[float]) -> float | None:
         raise NotImplementedError
@@ -108,14 +110,41 @@ class FixedJudge(Judge):
 
 
 class CalibratedJudge(Judge):
-    """The calibration's threshold and the band of its known-good parts' scores."""
+    """The calibration's threshold and the band of its known-good parts' scores; `told` is
+    what the start-up message says of it. Built from the numbers alone too: a station of a
+    scoring service (`remote.py`) judges with the service's calibration without holding it."""
 
     basis = "calibration"
     calibrated = True
 
-    def __init__(self, calibration: Calibration) -> None:
-        self.value = calibration.threshold
-        self.centre, self.spread = robust_band(calibration.scores.tolist())
+    def __init__(
+        self,
+        threshold: float,
+        centre: float,
+        spread: float,
+        told: str,
+        parts: int,
+        frr_upper_bound: float | None,
+    ) -> None:
+        self.value, self.centre, self.spread, self.told = threshold, centre, spread, told
+        self.parts, self.frr_upper_bound = parts, frr_upper_bound
+
+    @classmethod
+    def of(cls, calibration: Calibration) -> CalibratedJudge:
+        centre, spread = robust_band(calibration.scores.tolist())
+        bound = calibration.summary()["frr_upper_bound"]
+        told = calibrated_message(calibration)
+        return cls(calibration.threshold, centre, spread, told, len(calibration), bound)
+
+    def to_json(self) -> dict[str, float | str | int | None]:
+        return {
+            "threshold": self.value,
+            "centre": self.centre,
+            "spread": self.spread,
+            "told": self.told,
+            "parts": self.parts,
+            "frr_upper_bound": self.frr_upper_bound,
+        }
 
     def threshold(self, scores: Sequence[float]) -> float | None:
         return self.value
@@ -160,6 +189,18 @@ class HistoryJudge(Judge):
             self.unjudged.append(score)
 
 
+def calibrated_message(calibration: Calibration) -> str:
+    """How sure a calibration's threshold is, for the start-up message."""
+    summary = calibration.summary()
+    return (
+        f"calibrated: {len(calibration)} known-good parts, threshold "
+        f"{calibration.threshold:.4f} ({100 * calibration.target_frr:g} % false "
+        f"rejects expected; shown by the parts: below "
+        f"{100 * summary['frr_upper_bound']:.1f} % at {100 * summary['confidence']:g} %"
+        f" confidence, {summary['parts_for_target']} parts would show the target)"
+    )
+
+
 @dataclass
 class Verdict:
     """What the line says of one scored part besides its scores."""
@@ -194,7 +235,7 @@ class Verdicts:
         if threshold is not None:
             judge: Judge = FixedJudge(threshold)
         elif known_good is not None:
-            judge = CalibratedJudge(known_good.calibration)
+            judge = CalibratedJudge.of(known_good.calibration)
         else:
             judge = HistoryJudge(history)
         return cls(judge, window, known_good)
@@ -209,16 +250,8 @@ class Verdicts:
 
     def describe(self) -> str:
         """Where the threshold comes from, for the start-up message (uncalibrated loudly)."""
-        if isinstance(self.judge, CalibratedJudge) and self.known_good is not None:
-            calibration = self.known_good.calibration
-            summary = calibration.summary()
-            return (
-                f"calibrated: {len(self.known_good)} known-good parts, threshold "
-                f"{calibration.threshold:.4f} ({100 * calibration.target_frr:g} % false "
-                f"rejects expected; shown by the parts: below "
-                f"{100 * summary['frr_upper_bound']:.1f} % at {100 * summary['confidence']:g} %"
-                f" confidence, {summary['parts_for_target']} parts would show the target)"
-            )
+        if isinstance(self.judge, CalibratedJudge):
+            return self.judge.told
         if isinstance(self.judge, FixedJudge):
             return f"threshold {self.judge.value} (fixed by --threshold; not calibrated)"
         return (

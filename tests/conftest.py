@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -61,3 +62,42 @@ def vits14_package(tmp_path_factory, dinov2_vits14):
     )
     assert result.exit_code == 0, result.output
     return folder
+
+
+@pytest.fixture(scope="session")
+def bottle_calibration(tmp_path_factory, bottle_dir: Path, vits14_package: Path) -> Path:
+    """Known-good parts of the real package: six bottle train/good parts, calibrated once."""
+    from typer.testing import CliRunner
+
+    from musc_edge.cli import app
+
+    good = bottle_dir / "train" / "good"
+    need(good.is_dir(), f"shared data missing: no bottle train/good at {good}")
+    calibration = tmp_path_factory.mktemp("calibrations") / "bottle.safetensors"
+    result = CliRunner().invoke(
+        app,
+        ["calibrate", "--model", str(vits14_package), "--good", str(good), "--parts", "6",
+         "--out", str(calibration)],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    return calibration
+
+
+@pytest.fixture
+def two_node_cluster(monkeypatch: pytest.MonkeyPatch):
+    """A real Ray cluster of two nodes on this machine: a head (two CPUs, so it can take over
+    a lost worker's actor) and a worker node (one CPU) started as separate processes (`ray
+    start` twice); stopped after the test with `ray stop --force`, which stops every Ray
+    instance of the machine (none other runs in CI). Token authentication on every process
+    (the head's token file is shared on one machine)."""
+    from tests.helpers import free_port, ray_start
+
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    port = str(free_port())
+    try:
+        ray_start("--head", "--port", port, "--num-cpus", "2", "--include-dashboard", "false",
+                  "--disable-usage-stats")  # fmt: skip
+        ray_start("--address", f"127.0.0.1:{port}", "--num-cpus", "1")
+        yield f"127.0.0.1:{port}"
+    finally:
+        subprocess.run(["ray", "stop", "--force"], capture_output=True, timeout=180)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -215,6 +216,29 @@ def torch_run_config(tmp_path: Path, **options) -> dict:
         "settle": 0,
         **options,
     }
+
+
+# --- a Ray cluster of several nodes on this machine -----------------------------------------------
+
+
+def ray_start(*options: str) -> None:
+    """`ray start` with these options: a head, or a node joining one (a process of its own)."""
+    done = subprocess.run(["ray", "start", *options], capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def worker_raylet(index: int) -> int:
+    """The pid of the raylet of the `index`th node that joined this machine's head (1: first)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            arguments = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:  # not a process, or one that ended
+            continue
+        if any(argument.endswith(f"/sockets/raylet.{index}".encode()) for argument in arguments):
+            pids.append(int(entry.name))
+    assert len(pids) == 1, pids
+    return pids[0]
 
 
 # --- network endpoints on loopback ----------------------------------------------------------------

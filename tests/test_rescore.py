@@ -13,8 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import need
-from tests.helpers import CLI, free_port, results
+from tests.helpers import CLI, results, worker_raylet
 
 pytest.importorskip("ray", reason="Ray is the cluster extra: pip install -e '.[cluster]'")
 pytest.importorskip("pyarrow", reason="Ray Data brings pyarrow")
@@ -68,20 +67,11 @@ def by_file(out: Path) -> dict[str, dict]:
 
 
 def test_rescore_writes_runs_records_and_resumes_after_a_kill(
-    tmp_path: Path, bottle_dir: Path, vits14_package: Path
+    tmp_path: Path, bottle_dir: Path, vits14_package: Path, bottle_calibration: Path
 ) -> None:
     archive = tmp_path / "archive"
     names = archive_of(bottle_dir, archive)
-    calibration = tmp_path / "bottle.safetensors"
-    good = bottle_dir / "train" / "good"
-    need(good.is_dir(), f"shared data missing: no bottle train/good at {good}")
-    done = subprocess.run(
-        [*CLI, "calibrate", "--model", str(vits14_package), "--good", str(good), "--parts", "6",
-         "--out", str(calibration)],
-        capture_output=True, text=True,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stdout + done.stderr
-    common = ["--model", str(vits14_package), "--calibration", str(calibration),
+    common = ["--model", str(vits14_package), "--calibration", str(bottle_calibration),
               "--batch-size", "3", "--engine", "onnxruntime"]  # fmt: skip
     run_once(archive, tmp_path / "run", common)
     rescore = [*CLI, "rescore", "--archive", str(archive), *common, "--threshold", "0.1"]
@@ -165,41 +155,6 @@ def test_rescore_writes_runs_records_and_resumes_after_a_kill(
             assert record["score"] == pytest.approx(expected[record["file"]]["score"], abs=1e-5)
 
 
-@pytest.fixture
-def two_node_cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    """A real Ray cluster of two nodes on this machine: a head (two CPUs, so it can take over
-    a lost worker's actor) and a worker node (one CPU) started as separate processes (`ray
-    start` twice); stopped after the test with `ray stop --force`, which stops every Ray
-    instance of the machine (none other runs in CI). Token authentication on every process
-    (the head's token file is shared on one machine)."""
-    monkeypatch.setenv("RAY_AUTH_MODE", "token")
-    port = str(free_port())
-    head = ["ray", "start", "--head", "--port", port, "--num-cpus", "2",
-            "--include-dashboard", "false", "--disable-usage-stats"]  # fmt: skip
-    worker = ["ray", "start", "--address", f"127.0.0.1:{port}", "--num-cpus", "1"]
-    try:
-        for command in (head, worker):
-            done = subprocess.run(command, capture_output=True, text=True, timeout=180)
-            assert done.returncode == 0, done.stdout + done.stderr
-        yield f"127.0.0.1:{port}"
-    finally:
-        subprocess.run(["ray", "stop", "--force"], capture_output=True, timeout=180)
-
-
-def worker_raylet() -> int:
-    """The pid of the worker node's raylet (the second node on this machine: `raylet.1`)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        try:
-            arguments = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:  # not a process, or one that ended
-            continue
-        if any(argument.endswith(b"/sockets/raylet.1") for argument in arguments):
-            pids.append(int(entry.name))
-    assert len(pids) == 1, pids
-    return pids[0]
-
-
 def test_rescore_on_a_two_node_cluster_survives_losing_a_node(
     tmp_path: Path, bottle_dir: Path, vits14_package: Path, two_node_cluster: str
 ) -> None:
@@ -230,7 +185,7 @@ def test_rescore_on_a_two_node_cluster_survives_losing_a_node(
             break
         time.sleep(0.02)
     written = journal.read_text().count("\n") if journal.exists() else 0
-    os.kill(worker_raylet(), signal.SIGKILL)
+    os.kill(worker_raylet(1), signal.SIGKILL)
     assert 0 < written < len(expected), "the node died after the end; nothing was at stake"
     output, _ = running.communicate(timeout=600)
     assert running.returncode == 0, output

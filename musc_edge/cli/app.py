@@ -15,6 +15,7 @@ from musc_edge.cli import (
     export_cmd,
     rescore_cmd,
     run_cmd,
+    serve_cmd,
     view_cmd,
     weights_cmd,
 )
@@ -36,6 +37,7 @@ app.command("export")(export_cmd.export)
 app.add_typer(export_cmd.engine_app, name="engine")
 app.command("demo")(demo_cmd.demo)
 app.command("rescore")(rescore_cmd.rescore)
+app.command("serve")(serve_cmd.serve)
 bench_cmd.app.command("msm")(bench_msm_cmd.bench_msm)
 bench_cmd.app.command("line")(bench_line_cmd.bench_line)
 bench_cmd.app.command("sinks")(bench_sinks_cmd.bench_sinks)

@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
@@ -28,6 +29,9 @@ from musc_edge.runtime.settings import (
     default_of,
     load_settings,
 )
+
+if TYPE_CHECKING:
+    from musc_edge.runtime.backends import Backend
 
 console = Console(soft_wrap=True)  # long paths stay whole in logs, whatever the width
 
@@ -156,6 +160,20 @@ def run(
         "--allow-remote",
         help="Let --serve listen on other interfaces than localhost.",
     ),
+    remote: str | None = typer.Option(
+        None,
+        "--remote",
+        help="URL of the plant's scoring service (musc-edge serve): it scores, this station "
+        "keeps the camera, journal and sinks.",
+    ),
+    line: str | None = typer.Option(
+        None, "--line", help="With --remote: this station's line in the service's plant.yaml."
+    ),
+    remote_timeout: float = typer.Option(
+        default_of("remote_timeout"),
+        "--remote-timeout",
+        help="With --remote: seconds a batch may take before the service counts as down.",
+    ),
 ) -> None:
     """Watch a camera folder; write scores, overlays and masks as images arrive.
 
@@ -190,31 +208,17 @@ def line_settings(ctx: typer.Context, config: Path | None) -> RunSettings:
 
 
 def run_line(settings: RunSettings, stop: threading.Event) -> None:
-    """Load the package, open the line (and the live view), and run until stopped."""
-    from musc_edge.musc import MuSc
-    from musc_edge.package import load_package
-    from musc_edge.runtime.backends import LocalBackend
+    """Open the line's backend (the package here, or the plant's scoring service), the line
+    and the live view, and run until stopped."""
     from musc_edge.runtime.line import Line
-    from musc_edge.runtime.runners import open_runner
 
-    console.print(f"loading {settings.model} ...")
-    package = load_package(settings.model)
-    runner = open_runner(
-        package,
-        Engine(settings.engine).value,
-        settings.backbone_precision,
-        allow_random_init=settings.allow_random_init,
-    )
-    musc = MuSc.for_package(package, settings.msm_precision, window=settings.window)
+    backend, described = (station_backend if settings.remote else local_backend)(settings)
     with live_view(settings.out_dir, settings.serve, settings.allow_remote):
-        line = Line(settings, LocalBackend(package, runner, musc))
+        line = Line(settings, backend)
         console.print(
             f"[bold]musc-edge run[/] {settings.camera_dir} -> {settings.out_dir}\n"
-            f"model {package.folder} ({package.backbone} at {package.image_size}px), "
-            f"engine {runner.description}, {settings.mode.value} mode, batch "
-            f"{settings.batch_size}, {musc.precision.value}"
-            + ("" if musc.window is None else f", positional MSM, window {musc.window}")
-            + f"\n{verdict_basis(line)}"
+            f"{described}, {settings.mode.value} mode, batch {settings.batch_size}"
+            f"\n{verdict_basis(line)}"
         )
         if line.stats.resumed or line.stats.dropped:
             dropped = line.stats.dropped
@@ -235,6 +239,47 @@ def run_line(settings: RunSettings, stop: threading.Event) -> None:
             stats = line.run(stop)
     console.print(status_line(stats))
     console.print(f"results: {settings.out_dir / 'results.jsonl'} and results.csv")
+
+
+def local_backend(settings: RunSettings) -> tuple[Backend, str]:
+    """The package's runner and MuSc on this device, and what the start-up message says."""
+    from musc_edge.musc import MuSc
+    from musc_edge.package import load_package
+    from musc_edge.runtime.backends import LocalBackend
+    from musc_edge.runtime.runners import open_runner
+
+    console.print(f"loading {settings.model} ...")
+    package = load_package(settings.model)
+    runner = open_runner(
+        package,
+        Engine(settings.engine).value,
+        settings.backbone_precision,
+        allow_random_init=settings.allow_random_init,
+    )
+    musc = MuSc.for_package(package, settings.msm_precision, window=settings.window)
+    described = (
+        f"model {package.folder} ({package.backbone} at {package.image_size}px), "
+        f"engine {runner.description}, {musc.precision.value}"
+        + ("" if musc.window is None else f", positional MSM, window {musc.window}")
+    )
+    return LocalBackend(package, runner, musc), described
+
+
+def station_backend(settings: RunSettings) -> tuple[Backend, str]:
+    """The plant's scoring service scores this line (runtime/remote.py)."""
+    from musc_edge.runtime.remote import RemoteBackend, ServiceClient, line_spec
+
+    client = ServiceClient(settings.remote, settings.line, settings.remote_timeout)
+    spec, problem = line_spec(client, settings.out_dir)
+    if problem:
+        console.print(
+            f"[yellow]the scoring service does not answer ({problem}); the parts wait "
+            "until it does[/]"
+        )
+    backend = RemoteBackend(client, spec)
+    size = backend.preprocess.image_size.to_json()
+    described = f"line {spec.line} scored by {client.url} ({spec.backbone} at {size}px)"
+    return backend, described
 
 
 @contextlib.contextmanager

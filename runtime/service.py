@@ -1,0 +1,138 @@
+"""`musc-edge serve`: the plant's lines on Ray Serve, for stations running `run --remote`.
+
+One deployment, `PlantScorer`, holds every line of `plant.yaml` (`plant.py`) in each replica;
+replicas are placed on GPUs where the cluster has any (`gpus_per_replica`), spread over the
+nodes with `max_replicas_per_node: 1`, and started again by Serve, here or on another node, when
+one dies: they hold no state between requests, so nothing is lost with one. A request waits up
+to `batch_wait_s` for other lines' batches (`@serve.batch`), so a GPU runs the backbone over
+several stations' images at once. HTTP routes, all JSON but the request body:
+
+- `GET /healthz`: the replica's lines, node and id;
+- `GET /lines/NAME`: the line's `LineSpec` (what a station sends, how it judges);
+- `POST /lines/NAME/score?window=N&map_norm=batch` with a `wire.encode_batch` body: the
+  batch's answers, with the model and calibration they come from.
+
+Ray (the `cluster` extra, with Serve) is imported only here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import ray
+import torch
+from ray import serve
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+from musc_edge.errors import UsageError
+from musc_edge.runtime.plant import LineBatch, PlantLines, PlantSettings
+from musc_edge.runtime.wire import answer_to_json, decode_batch
+
+APP_NAME = "musc-edge"
+
+
+@serve.deployment(name="plant-scorer", health_check_period_s=5, max_ongoing_requests=16)
+class PlantScorer:
+    """Every line of the plant in one replica; see the module docstring."""
+
+    def __init__(self, settings: PlantSettings) -> None:
+        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
+        torch.set_num_threads(max(1, int(cpus)))  # the CPUs Serve gave this replica
+        self.lines = PlantLines(settings)
+        self.node = ray.get_runtime_context().get_node_id()
+        self.replica = serve.get_replica_context().replica_id.unique_id
+        self.score_batches.set_max_batch_size(settings.max_batch_size)
+        self.score_batches.set_batch_wait_timeout_s(settings.batch_wait_s)
+
+    async def __call__(self, request: Request) -> JSONResponse:
+        route = request.url.path.strip("/").split("/")
+        try:
+            if request.method == "GET" and route == ["healthz"]:
+                return self.reply({"status": "ok", "lines": sorted(self.lines.lines)})
+            if request.method == "GET" and len(route) == 2 and route[0] == "lines":
+                return self.reply(self.lines.line(route[1]).spec.to_json())
+            if request.method == "POST" and len(route) == 3 and route[::2] == ["lines", "score"]:
+                return await self.score(route[1], request)
+        except UsageError as error:  # an unknown line, an image of the wrong size
+            return self.reply({"error": str(error)}, 404 if "no line" in str(error) else 400)
+        return self.reply({"error": f"no route {request.method} {request.url.path}"}, 404)
+
+    async def score(self, name: str, request: Request) -> JSONResponse:
+        line = self.lines.line(name)
+        try:
+            images, previous = decode_batch(await request.body())
+            window = int(request.query_params.get("window", 32))
+        except ValueError as error:
+            return self.reply({"error": f"line {name}: {error}"}, 400)
+        map_norm = request.query_params.get("map_norm", "batch")
+        batch = LineBatch(name, images, previous, map_norm, max(1, window))
+        self.lines.check(batch)
+        answers = await self.score_batches(batch)
+        return self.reply(
+            {
+                "line": name,
+                "model_sha256": line.spec.model_sha256,
+                "calibration_sha256": line.spec.calibration_sha256,
+                "answers": answers,
+            }
+        )
+
+    @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.01)
+    async def score_batches(self, batches: list[LineBatch]) -> list[list[dict[str, Any]]]:
+        """Line batches gathered across stations, scored together (in a thread: the replica
+        keeps answering health checks meanwhile)."""
+        answers = await asyncio.to_thread(self.lines.score, batches)
+        return [[answer_to_json(answer) for answer in group] for group in answers]
+
+    def reply(self, body: dict[str, Any], status: int = 200) -> JSONResponse:
+        """Every answer says which replica on which node gave it."""
+        return JSONResponse({**body, "node": self.node, "replica": self.replica}, status)
+
+
+def start_service(settings: PlantSettings, address: str | None) -> str:
+    """Deploy the plant on the cluster at `address` (None: a local one); returns its URL."""
+    ray.init(
+        address=address,
+        ignore_reinit_error=True,
+        log_to_driver=False,
+        logging_level=logging.WARNING,
+        configure_logging=True,
+    )
+    location = {"head": "HeadOnly", "every-node": "EveryNode"}[settings.proxy]
+    serve.start(
+        proxy_location=location, http_options={"host": settings.host, "port": settings.port}
+    )
+    gpus = settings.gpus_per_replica
+    if gpus is None:
+        gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+    options: dict[str, Any] = {
+        "num_replicas": settings.replicas,
+        "ray_actor_options": {"num_cpus": settings.cpus_per_replica, "num_gpus": gpus},
+    }
+    if settings.max_replicas_per_node is not None:
+        options["max_replicas_per_node"] = settings.max_replicas_per_node
+    serve.run(PlantScorer.options(**options).bind(settings), name=APP_NAME, route_prefix="/")
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
+    return f"http://{host}:{settings.port}"
+
+
+def replicas_by_node() -> dict[str, int]:
+    """Running replicas of the plant per node id (the `serve` command's status line)."""
+    from ray.util.state import list_actors
+
+    actors = list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
+    nodes: dict[str, int] = {}
+    for actor in actors:
+        if "plant-scorer" in (actor.class_name or "") or "plant-scorer" in (actor.name or ""):
+            nodes[actor.node_id] = nodes.get(actor.node_id, 0) + 1
+    return nodes
+
+
+def stop_service() -> None:
+    """Take the plant's application down (when it was started) and leave the cluster."""
+    if ray.is_initialized():
+        serve.shutdown()
+        ray.shutdown()

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from typing import Any
 
 import ray
@@ -34,7 +35,7 @@ from musc_edge.runtime.wire import answer_to_json, decode_batch
 APP_NAME = "musc-edge"
 
 
-@serve.deployment(name="plant-scorer", health_check_period_s=5, max_ongoing_requests=16)
+@serve.deployment(name="plant-scorer", health_check_period_s=5, max_ongoing_requests=8)
 class PlantScorer:
     """Every line of the plant in one replica; see the module docstring."""
 
@@ -92,8 +93,16 @@ class PlantScorer:
         return JSONResponse({**body, "node": self.node, "replica": self.replica}, status)
 
 
+# Serve's proxy sends a request to a replica on its own node first; scoring is heavy, so the
+# replicas should share the load instead. Read by the proxy, so it must be in the cluster's
+# environment: set here for a local cluster, on `ray start` for one of your own.
+SPREAD_REQUESTS = {"RAY_SERVE_PROXY_PREFER_LOCAL_NODE_ROUTING": "0"}
+
+
 def start_service(settings: PlantSettings, address: str | None) -> str:
     """Deploy the plant on the cluster at `address` (None: a local one); returns its URL."""
+    for name, value in SPREAD_REQUESTS.items():
+        os.environ.setdefault(name, value)
     ray.init(
         address=address,
         ignore_reinit_error=True,
@@ -119,16 +128,11 @@ def start_service(settings: PlantSettings, address: str | None) -> str:
     return f"http://{host}:{settings.port}"
 
 
-def replicas_by_node() -> dict[str, int]:
-    """Running replicas of the plant per node id (the `serve` command's status line)."""
-    from ray.util.state import list_actors
-
-    actors = list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
-    nodes: dict[str, int] = {}
-    for actor in actors:
-        if "plant-scorer" in (actor.class_name or "") or "plant-scorer" in (actor.name or ""):
-            nodes[actor.node_id] = nodes.get(actor.node_id, 0) + 1
-    return nodes
+def running_replicas() -> int:
+    """The plant's replicas Serve reports running (the `serve` command's status line)."""
+    application = serve.status().applications.get(APP_NAME)
+    deployment = application.deployments.get("plant-scorer") if application else None
+    return deployment.replica_states.get("RUNNING", 0) if deployment else 0
 
 
 def stop_service() -> None:

@@ -93,6 +93,7 @@ def two_node_cluster(monkeypatch: pytest.MonkeyPatch):
     from tests.helpers import free_port, ray_start
 
     monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    monkeypatch.setenv("RAY_SERVE_PROXY_PREFER_LOCAL_NODE_ROUTING", "0")  # docs/deployment.md
     port = str(free_port())
     try:
         ray_start("--head", "--port", port, "--num-cpus", "2", "--include-dashboard", "false",

@@ -34,7 +34,7 @@ START = 1_796_000_000  # the first part's modification time
 def bottles(bottle_dir: Path, folder: Path, good: slice, broken: int = 0) -> list[str]:
     """Real bottles copied into a camera folder, their modification times in this order."""
     sources = [
-        *sorted((bottle_dir / "test" / "good").glob("*.png"))[good],
+        *sorted((bottle_dir / "test" / "good").glob("*.png"))[good],  # 20 of them
         *sorted((bottle_dir / "test" / "broken_large").glob("*.png"))[:broken],
     ]
     folder.mkdir(parents=True, exist_ok=True)
@@ -78,7 +78,7 @@ def write_plant(path: Path, lines: dict[str, dict], **service) -> Path:
 def run_line(camera: Path, out: Path, *options: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [*CLI, "run", "--camera-dir", str(camera), "--out", str(out), "--once", "--settle", "0",
-         "--batch-size", "4", *options],
+         "--batch-size", "5", *options],
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
 
@@ -91,7 +91,7 @@ def get(url: str) -> dict:
 def station_process(camera: Path, out: Path, url: str, line: str) -> subprocess.Popen:
     """A station over the parts already in its camera folder (`--once`)."""
     command = [*CLI, "run", "--camera-dir", str(camera), "--out", str(out), "--once",
-               "--settle", "0", "--batch-size", "4", "--remote", url, "--line", line,
+               "--settle", "0", "--batch-size", "5", "--remote", url, "--line", line,
                "--remote-timeout", "60"]  # fmt: skip
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -279,14 +279,14 @@ def test_a_station_scores_through_the_service_as_run_does_and_waits_while_it_is_
         service.stop()
 
     # the service is down: a watching station holds the new parts, says so, records nothing
-    later = bottles(bottle_dir, tmp_path / "later", slice(20, 26))
+    later = bottles(bottle_dir, tmp_path / "later", slice(10, 16))
     for name in later:
         shutil.copy(tmp_path / "later" / name, camera / f"later_{name}")
     out = tmp_path / "station"
     before = (out / "results.jsonl").read_text()
     watching = subprocess.Popen(
         [*CLI, "run", "--camera-dir", str(camera), "--out", str(out), "--settle", "0",
-         "--batch-size", "4", "--max-wait", "2", *station],
+         "--batch-size", "5", "--max-wait", "2", *station],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     try:

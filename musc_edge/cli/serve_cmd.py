@@ -36,15 +36,14 @@ def serve(
     overrides: dict[str, Any] = {key: value for key, value in flags.items() if value is not None}
     with stop_on_signals() as stop, user_errors():
         settings = load_plant(config, overrides)
-        from musc_edge.runtime.service import replicas_by_node, start_service, stop_service
+        from musc_edge.runtime.service import running_replicas, start_service, stop_service
 
         console.print(f"starting {settings.replicas} replica(s) for {len(settings.lines)} line(s)")
         try:
             url = start_service(settings, address)
-            nodes = replicas_by_node()
             console.print(
                 f"[bold]musc-edge serve[/] {url}: lines {', '.join(settings.lines)}; "
-                f"replicas on {len(nodes)} node(s)\n"
+                f"{running_replicas()} replica(s) running\n"
                 f"stations: musc-edge run --camera-dir DIR --remote {url} --line NAME"
             )
             stop.wait()

@@ -233,6 +233,10 @@ class Line:
             self.on_update(self.stats)
             if finishing and not self.scheduler.busy:
                 return self.stats
+            if stopping and self.scheduler.problem:
+                # parts that cannot be scored now (the scoring service is down) are left to
+                # the next start: the journal lacks them, nothing is lost
+                return self.stats
             if not worked:
                 self.scheduler.wait(stop, self.settings.poll)
 

@@ -24,7 +24,6 @@ import numpy as np
 from pydantic import ConfigDict, Field, ValidationError
 from pydantic.dataclasses import dataclass as settings_dataclass
 
-from musc_edge.cli.line_config import beside, read_line_config
 from musc_edge.errors import UsageError
 from musc_edge.files import file_sha256
 from musc_edge.musc import MuSc
@@ -34,7 +33,14 @@ from musc_edge.runtime.camera import Arrival
 from musc_edge.runtime.known_good import KnownGood
 from musc_edge.runtime.runners import Runner
 from musc_edge.runtime.scoring import Answer, Item, score_after
-from musc_edge.runtime.settings import ITEM_NAME, Engine, refuse_unknown, settings_problem
+from musc_edge.runtime.settings import (
+    ITEM_NAME,
+    Engine,
+    beside,
+    read_yaml_mapping,
+    refuse_unknown,
+    settings_problem,
+)
 from musc_edge.runtime.verdicts import CalibratedJudge
 from musc_edge.runtime.wire import LineSpec
 
@@ -76,10 +82,11 @@ class PlantSettings:
 
 def load_plant(path: Path, overrides: dict[str, Any] | None = None) -> PlantSettings:
     """plant.yaml (paths in it relative to the file), with `overrides` (the flags) over it."""
-    values = read_line_config(path)
+    values = read_yaml_mapping(path, "plant config")
     lines = values.get("lines")
     if isinstance(lines, dict):
-        values["lines"] = {name: paths_beside(path, line) for name, line in lines.items()}
+        # absolute: a replica does not start in the folder the command was given in
+        values["lines"] = {n: paths_beside(path.resolve(), line) for n, line in lines.items()}
     return plant_settings({**values, **(overrides or {})}, str(path))
 
 

@@ -42,7 +42,7 @@ from musc_edge.runtime.inspections import Inspection
 from musc_edge.runtime.known_good import KnownGood
 from musc_edge.runtime.record import ResultRecord
 from musc_edge.runtime.schedulers import BatchScheduler, Scheduler, Scored, profiled
-from musc_edge.runtime.scoring import Part, PartAnswers
+from musc_edge.runtime.scoring import Part, PartAnswers, Window
 from musc_edge.runtime.settings import LineSettings
 from musc_edge.runtime.verdicts import CalibratedJudge, FixedJudge, HistoryJudge, Judge, Verdicts
 from musc_edge.runtime.wire import NPZ_TYPE, LineSpec, answer_from_json, encode_batch
@@ -132,7 +132,7 @@ class RemoteScheduler(BatchScheduler):
         self.retry_at = 0.0
         self.pause = RETRY_FIRST
 
-    def windows(self) -> list:
+    def windows(self) -> list[Window]:
         return []  # the service rebuilds the window from the previous batch it is sent
 
     def room(self) -> int:

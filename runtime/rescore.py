@@ -18,7 +18,6 @@ Ray is the `cluster` extra; this module imports it only when a re-score runs.
 from __future__ import annotations
 
 import json
-import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -32,10 +31,12 @@ from musc_edge.errors import UsageError
 from musc_edge.files import file_sha256
 from musc_edge.images import ImageReadError, list_images, read_image
 from musc_edge.musc import RELIABLE_BATCH
+from musc_edge.runtime.cluster import join_ray
 from musc_edge.runtime.journal import Journal
 from musc_edge.runtime.record import Key, ResultRecord, Timings
 from musc_edge.runtime.scoring import Item
 from musc_edge.runtime.verdicts import ANOMALOUS, Verdicts
+from musc_edge.runtime.wire import answer_numbers
 
 PARQUET_FILE = "results.parquet"
 SUMMARY_FILE = "summary.json"
@@ -177,12 +178,7 @@ class BatchScorer:
                 {
                     **row,
                     "sha256": answer.item.arrival.sha256,
-                    "score": answer.score,
-                    "raw_score": answer.raw_score,
-                    "reference_score": answer.reference_score,
-                    "repeated": answer.repeated,
-                    "compared": answer.compared,
-                    "warning": answer.warning,
+                    **answer_numbers(answer),
                     "features_ms": answer.item.features_ms,
                     "score_ms": score_ms,
                 }
@@ -418,13 +414,7 @@ def run_rescore(
     rows = plan_batches(parts, batch_size)
     summary = Summary(list(thresholds))
     if parts:
-        ray.init(
-            address=address,
-            ignore_reinit_error=True,
-            log_to_driver=False,
-            logging_level=logging.WARNING,
-            configure_logging=True,
-        )
+        join_ray(address)
         try:
             answers = answer_stream(
                 rows, model, calibration, engine, workers, batch_size, cpus_per_worker

@@ -18,18 +18,20 @@ Ray (the `cluster` extra, with Serve) is imported only here.
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
+from pathlib import Path
 from typing import Any
 
 import ray
 import torch
 from ray import serve
+from ray.serve import Application
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from musc_edge.errors import UsageError
-from musc_edge.runtime.plant import LineBatch, PlantLines, PlantSettings
+from musc_edge.runtime.cluster import join_ray
+from musc_edge.runtime.plant import LineBatch, PlantLines, PlantSettings, load_plant
 from musc_edge.runtime.wire import answer_to_json, decode_batch
 
 APP_NAME = "musc-edge"
@@ -103,19 +105,20 @@ def start_service(settings: PlantSettings, address: str | None) -> str:
     """Deploy the plant on the cluster at `address` (None: a local one); returns its URL."""
     for name, value in SPREAD_REQUESTS.items():
         os.environ.setdefault(name, value)
-    ray.init(
-        address=address,
-        ignore_reinit_error=True,
-        log_to_driver=False,
-        logging_level=logging.WARNING,
-        configure_logging=True,
-    )
+    join_ray(address)
     location = {"head": "HeadOnly", "every-node": "EveryNode"}[settings.proxy]
     serve.start(
         proxy_location=location, http_options={"host": settings.host, "port": settings.port}
     )
+    serve.run(plant_app(settings), name=APP_NAME, route_prefix="/")
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
+    return f"http://{host}:{settings.port}"
+
+
+def plant_app(settings: PlantSettings) -> Application:
+    """The Serve application of plant.yaml: its replicas, their resources and placement."""
     gpus = settings.gpus_per_replica
-    if gpus is None:
+    if gpus is None:  # asked of the cluster this runs on
         gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
     options: dict[str, Any] = {
         "num_replicas": settings.replicas,
@@ -123,9 +126,14 @@ def start_service(settings: PlantSettings, address: str | None) -> str:
     }
     if settings.max_replicas_per_node is not None:
         options["max_replicas_per_node"] = settings.max_replicas_per_node
-    serve.run(PlantScorer.options(**options).bind(settings), name=APP_NAME, route_prefix="/")
-    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
-    return f"http://{host}:{settings.port}"
+    return PlantScorer.options(**options).bind(settings)
+
+
+def app_from_args(args: dict[str, str]) -> Application:
+    """For Serve's own config (`import_path: musc_edge.runtime.service:app_from_args`, `args:
+    {config: plant.yaml}`), as a KubeRay RayService deploys it; host, port and proxy are then
+    the Serve config's."""
+    return plant_app(load_plant(Path(args["config"])))
 
 
 def running_replicas() -> int:

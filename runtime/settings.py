@@ -17,6 +17,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+import yaml
 from pydantic import AliasChoices, ConfigDict, Field, ValidationError, field_validator
 from pydantic.dataclasses import dataclass
 
@@ -187,6 +188,31 @@ class RunSettings(LineSettings):
                 f"{', '.join(clash)}: with --remote the service's plant.yaml gives the line's "
                 "package, calibration and box, and scores whole batches; leave them out"
             )
+
+
+def read_yaml_mapping(path: Path, what: str) -> dict[str, Any]:
+    """The YAML mapping of a config file (`what`: "line config", "plant config"), or a
+    one-line error saying what is wrong with it."""
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise UsageError(f"{what} {path} not found") from None
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise UsageError(f"{what} {path} is not valid YAML{where}: {error}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UsageError(f"{what} {path} must be a mapping of option: value")
+    return data
+
+
+def beside(config: Path, value: Any) -> Any:
+    """A relative path given in the file, relative to the file (not to where run started)."""
+    if isinstance(value, str) and not Path(value).is_absolute():
+        return config.parent / value
+    return value
 
 
 def parse_item(text: str) -> tuple[str, dict[str, Any]]:

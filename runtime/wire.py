@@ -73,8 +73,8 @@ def decode_batch(body: bytes) -> tuple[np.ndarray, np.ndarray]:
     return images, previous
 
 
-def answer_to_json(answer: Answer) -> dict[str, Any]:
-    """One image's answer; the maps as nested lists (a few hundred numbers each)."""
+def answer_numbers(answer: Answer) -> dict[str, Any]:
+    """An answer's scores and flags, the fields the verdict is made from."""
     return {
         "score": answer.score,
         "raw_score": answer.raw_score,
@@ -82,6 +82,13 @@ def answer_to_json(answer: Answer) -> dict[str, Any]:
         "repeated": answer.repeated,
         "compared": answer.compared,
         "warning": answer.warning,
+    }
+
+
+def answer_to_json(answer: Answer) -> dict[str, Any]:
+    """One image's answer; the maps as nested lists (a few hundred numbers each)."""
+    return {
+        **answer_numbers(answer),
         "patch_map": answer.patch_map.float().cpu().tolist(),
         "heat": np.asarray(answer.heat, np.float32).tolist(),
     }

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import socket
 import subprocess
 import sys
 import threading
@@ -30,6 +29,7 @@ from musc_edge.cli import app
 from musc_edge.images import Preprocess
 from musc_edge.musc import MuSc
 from musc_edge.package import ONNX_FILE, PARITY_REFERENCE_FILE, ModelPackage
+from musc_edge.runtime.addresses import free_port  # noqa: F401 (the tests' helper too)
 from musc_edge.runtime.backends import LocalBackend
 from musc_edge.runtime.journal import RESULTS_FILE
 from musc_edge.runtime.line import Line
@@ -227,6 +227,19 @@ def ray_start(*options: str) -> None:
     assert done.returncode == 0, done.stdout + done.stderr
 
 
+def node_runs(raylet: int, name: bytes) -> bool:
+    """Whether a worker process of that raylet's node runs an actor or task called `name`
+    (Ray titles its processes `ray::NAME`)."""
+    for entry in Path("/proc").iterdir():
+        try:
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            if parent == raylet and name in (entry / "cmdline").read_bytes():
+                return True
+        except (OSError, ValueError, IndexError):  # not a process, or one that ended
+            continue
+    return False
+
+
 def worker_raylet(index: int) -> int:
     """The pid of the raylet of the `index`th node that joined this machine's head (1: first)."""
     pids = []
@@ -242,13 +255,6 @@ def worker_raylet(index: int) -> int:
 
 
 # --- network endpoints on loopback ----------------------------------------------------------------
-
-
-def free_port() -> int:
-    """A loopback TCP port free at the time of asking."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 class Receiver:

@@ -77,3 +77,16 @@ def test_dockerfiles_copy_what_exists_and_run_real_commands(dockerfile: Path) ->
     assert shown, f"{dockerfile.name} shows no musc-edge command"
     for arguments in shown:
         run_arguments(arguments)
+
+
+def test_the_example_plant_config_is_valid_and_names_paths_beside_it() -> None:
+    from musc_edge.runtime.plant import load_plant
+
+    plant = load_plant(DEPLOY / "plant.yaml")
+    assert sorted(plant.lines) == ["line1", "line2"]
+    line1 = plant.lines["line1"]
+    assert line1.model == (DEPLOY / "../../packages/dinov2-vits14-224").resolve()
+    assert line1.calibration.is_absolute() and plant.lines["line2"].calibration is None
+    commands = re.findall(r"`(musc-edge [^`]+)`", (DEPLOY / "plant.yaml").read_text())
+    for command in commands:  # the commands its comments show parse as the CLI has them
+        run_arguments(command.split()[1:])

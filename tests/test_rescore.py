@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import CLI, results, worker_raylet
+from tests.helpers import CLI, node_runs, results, worker_raylet
 
 pytest.importorskip("ray", reason="Ray is the cluster extra: pip install -e '.[cluster]'")
 pytest.importorskip("pyarrow", reason="Ray Data brings pyarrow")
@@ -174,19 +174,20 @@ def test_rescore_on_a_two_node_cluster_survives_losing_a_node(
     expected = by_file(tmp_path / "run")
     same_as_run(expected, by_file(tmp_path / "cluster"))
 
-    # the worker node dies (its raylet SIGKILLed) after the first batch: Ray starts its
-    # actor again on the head, the batch in flight is scored again, nothing lost or doubled
+    # the worker node dies (its raylet SIGKILLed) once its actor is scoring: Ray starts the
+    # actor again on the head, the batch it held is scored again, nothing lost or doubled
     rescore[-1] = str(tmp_path / "node-lost")
     running = subprocess.Popen(rescore, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     journal = tmp_path / "node-lost" / "results.jsonl"
+    raylet = worker_raylet(1)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and running.poll() is None:
-        if journal.exists() and journal.read_text().count("\n") >= 1:
+        if node_runs(raylet, b"BatchScorer"):
             break
         time.sleep(0.02)
     written = journal.read_text().count("\n") if journal.exists() else 0
-    os.kill(worker_raylet(1), signal.SIGKILL)
-    assert 0 < written < len(expected), "the node died after the end; nothing was at stake"
+    os.kill(raylet, signal.SIGKILL)
+    assert written < len(expected), "the node died after the end; nothing was at stake"
     output, _ = running.communicate(timeout=600)
     assert running.returncode == 0, output
     records = results(tmp_path / "node-lost")

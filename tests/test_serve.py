@@ -298,7 +298,13 @@ def test_a_station_scores_through_the_service_as_run_does_and_waits_while_it_is_
         assert health["status"] == "degraded", health
         assert "does not answer" in health["problems"]["scoring"]
         assert (out / "results.jsonl").read_text() == before  # nothing recorded, nothing lost
+        watching.send_signal(signal.SIGINT)  # stopped meanwhile: it does not wait for it
+        output, _ = watching.communicate(timeout=60)
+        assert watching.returncode == 0 and "does not answer" in output, output
+        assert (out / "results.jsonl").read_text() == before
 
+        watching = subprocess.Popen(watching.args, stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, text=True)  # fmt: skip
         service = Service(plant, port, tmp_path / "serve.log")  # back: the parts go, in order
         try:
             deadline = time.monotonic() + 240
@@ -340,6 +346,7 @@ def test_two_stations_served_by_replicas_on_two_nodes_lose_nothing_when_a_node_d
     )  # fmt: skip
     port = free_port()
     service = Service(plant, port, tmp_path / "serve.log", "--address", two_node_cluster)
+    stations: dict[str, subprocess.Popen] = {}
     try:
         assert len(service.nodes()) == 2  # a replica on each node
         stations = {
@@ -368,4 +375,7 @@ def test_two_stations_served_by_replicas_on_two_nodes_lose_nothing_when_a_node_d
             time.sleep(1)
         assert len(service.nodes()) == 2  # Serve placed the lost replica on it
     finally:
+        for station in stations.values():
+            if station.poll() is None:
+                station.kill()
         service.stop()

@@ -8,6 +8,7 @@ from musc_edge.cli import (
     bench_cmd,
     bench_line_cmd,
     bench_msm_cmd,
+    bench_serve_cmd,
     bench_sinks_cmd,
     calibrate_cmd,
     demo_cmd,
@@ -41,4 +42,5 @@ app.command("serve")(serve_cmd.serve)
 bench_cmd.app.command("msm")(bench_msm_cmd.bench_msm)
 bench_cmd.app.command("line")(bench_line_cmd.bench_line)
 bench_cmd.app.command("sinks")(bench_sinks_cmd.bench_sinks)
+bench_cmd.app.command("serve")(bench_serve_cmd.bench_serve)
 app.add_typer(bench_cmd.app, name="bench")

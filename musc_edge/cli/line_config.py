@@ -13,10 +13,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from musc_edge.errors import UsageError
-from musc_edge.runtime.settings import ALIASES, path_fields
+from musc_edge.runtime.settings import ALIASES, beside, path_fields, read_yaml_mapping
 
 SINKS_KEY = "sinks"
 ITEMS_KEY = "items"  # inspection items: name -> region, calibration, threshold
@@ -26,26 +24,7 @@ GIVEN = ("COMMANDLINE", "ENVIRONMENT")  # parameter sources that mean the user s
 
 def read_line_config(path: Path) -> dict[str, Any]:
     """The YAML mapping of a line config, or a one-line error saying what is wrong with it."""
-    try:
-        data = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise UsageError(f"line config {path} not found") from None
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise UsageError(f"line config {path} is not valid YAML{where}: {error}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise UsageError(f"line config {path} must be a mapping of option: value")
-    return data
-
-
-def beside(config: Path, value: Any) -> Any:
-    """A relative path given in the file, relative to the file (not to where run started)."""
-    if isinstance(value, str) and not Path(value).is_absolute():
-        return config.parent / value
-    return value
+    return read_yaml_mapping(path, "line config")
 
 
 def read_config_values(path: Path) -> tuple[dict[str, Any], dict[str, dict]]:

@@ -1,0 +1,20 @@
+"""Joining a Ray cluster, one way for the plant's service and the archive re-score."""
+
+from __future__ import annotations
+
+import logging
+
+
+def join_ray(address: str | None) -> None:
+    """Connect to the cluster at `address` (`auto`, `HOST:PORT`, `ray://...`), or start a
+    local instance when None; Ray's own logging kept to warnings, its workers' output off the
+    terminal (the commands show their own progress)."""
+    import ray
+
+    ray.init(
+        address=address,
+        ignore_reinit_error=True,
+        log_to_driver=False,
+        logging_level=logging.WARNING,
+        configure_logging=True,
+    )

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from musc_edge.package import ModelPackage
+from musc_edge.parallel import usable_cores
 from musc_edge.runtime.addresses import free_port
 from musc_edge.runtime.backends import Backend, LocalBackend
 from musc_edge.runtime.line import Line
@@ -101,7 +102,7 @@ def measure(
     replicas: Sequence[int],
     stations: Sequence[int],
     rounds: int,
-    cpus_per_replica: float,
+    cpus_per_replica: float | None,
     on_run: Callable[[ArmRun], None] = lambda run: None,
 ) -> list[ArmRun]:
     """Every arm `rounds` times (after one warm-up each), the local run beside each service
@@ -118,7 +119,8 @@ def measure(
             {
                 "lines": lines,
                 "replicas": count,
-                "cpus_per_replica": cpus_per_replica,
+                # default: the machine's cores shared by the replicas
+                "cpus_per_replica": cpus_per_replica or max(1.0, usable_cores() / count),
                 "port": free_port(),
                 "engine": Engine(local.runner.name),
             },

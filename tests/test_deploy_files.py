@@ -85,7 +85,8 @@ def test_the_example_plant_config_is_valid_and_names_paths_beside_it() -> None:
     plant = load_plant(DEPLOY / "plant.yaml")
     assert sorted(plant.lines) == ["line1", "line2"]
     line1 = plant.lines["line1"]
-    assert line1.model == (DEPLOY / "../../packages/dinov2-vits14-224").resolve()
+    assert line1.model.is_absolute()
+    assert line1.model.resolve() == (DEPLOY / "../../packages/dinov2-vits14-224").resolve()
     assert line1.calibration.is_absolute() and plant.lines["line2"].calibration is None
     commands = re.findall(r"`(musc-edge [^`]+)`", (DEPLOY / "plant.yaml").read_text())
     for command in commands:  # the commands its comments show parse as the CLI has them

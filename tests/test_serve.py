@@ -11,6 +11,7 @@ import signal
 import subprocess
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import cv2
@@ -20,6 +21,7 @@ import yaml
 
 from musc_edge.errors import UsageError
 from musc_edge.package import load_package
+from musc_edge.runtime.remote import ServiceClient
 from musc_edge.runtime.settings import load_settings
 from musc_edge.runtime.wire import decode_batch, encode_batch
 from tests.helpers import CLI, free_port, ray_start, results, worker_raylet
@@ -115,9 +117,23 @@ class Service:
                 time.sleep(0.5)
         raise AssertionError(f"the service did not come up: {log.read_text()}")
 
-    def nodes(self, asks: int = 40) -> set[str]:
-        """The nodes whose replicas answered `asks` health checks."""
-        return {get(self.url + "/healthz")["node"] for _ in range(asks)}
+    def nodes(self, line: str, pixels: np.ndarray, asks: int = 6) -> set[str]:
+        """The nodes whose replicas scored `asks` batches sent at once (Serve sends each to the
+        replica with the shorter queue)."""
+        client = ServiceClient(self.url, line, 300)
+        with ThreadPoolExecutor(asks) as pool:
+            replies = pool.map(lambda _: client.score(list(pixels), [], 5, "batch"), range(asks))
+            return {reply["node"] for reply in replies}
+
+    def nodes_within(self, seconds: float, line: str, pixels: np.ndarray) -> int:
+        """How many nodes answer, asked until two do or `seconds` pass (the proxy learns of a
+        replica a moment after Serve reports it running)."""
+        deadline = time.monotonic() + seconds
+        nodes = self.nodes(line, pixels)
+        while len(nodes) < 2 and time.monotonic() < deadline:
+            time.sleep(1)
+            nodes = self.nodes(line, pixels)
+        return len(nodes)
 
     def stop(self) -> None:
         self.process.send_signal(signal.SIGINT)
@@ -347,8 +363,11 @@ def test_two_stations_served_by_replicas_on_two_nodes_lose_nothing_when_a_node_d
     port = free_port()
     service = Service(plant, port, tmp_path / "serve.log", "--address", two_node_cluster)
     stations: dict[str, subprocess.Popen] = {}
+    preprocess = load_package(vits14_package).preprocessing()
+    camera_a = sorted(cameras["line-a"].iterdir())[:5]
+    pixels = np.stack([preprocess.resized(cv2.imread(str(path))) for path in camera_a])
     try:
-        assert len(service.nodes()) == 2  # a replica on each node
+        assert service.nodes_within(60, "line-a", pixels) == 2  # a replica on each node
         stations = {
             line: station_process(camera, tmp_path / line, service.url, line)
             for line, camera in cameras.items()
@@ -370,12 +389,32 @@ def test_two_stations_served_by_replicas_on_two_nodes_lose_nothing_when_a_node_d
             same_records(expected[line], by_file(tmp_path / line))  # none lost, run's scores
 
         ray_start("--address", two_node_cluster, "--num-cpus", "1")  # a node joins again
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline and len(service.nodes()) < 2:
-            time.sleep(1)
-        assert len(service.nodes()) == 2  # Serve placed the lost replica on it
+        assert service.nodes_within(240, "line-a", pixels) == 2  # the lost replica is back
     finally:
         for station in stations.values():
             if station.poll() is None:
                 station.kill()
         service.stop()
+
+
+def test_bench_serve_reports_each_arm_beside_the_local_run(
+    tmp_path: Path, bottle_dir: Path, vits14_package: Path, token_auth
+) -> None:
+    images = tmp_path / "images"
+    bottles(bottle_dir, images, slice(0, 5))
+    report = tmp_path / "serve.json"
+    done = subprocess.run(
+        [*CLI, "bench", "serve", "--model", str(vits14_package), "--images", str(images),
+         "--count", "5", "--batch-size", "5", "--replicas", "1", "--stations", "1",
+         "--rounds", "1", "--cpus-per-replica", "2", "--engine", "onnxruntime",
+         "--json", str(report)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    summary = {row["arm"]: row for row in json.loads(report.read_text())["summary"]}
+    assert sorted(summary) == ["1 replica(s), 1 station(s)", "local run"]
+    for row in summary.values():
+        assert row["runs"] == 1 and row["parts"] == 5 and row["parts_per_s"] > 0
+        assert row["latency_ms"] > 0
+    assert summary["local run"]["vs_local"] == 1.0
+    assert "vs local" in done.stdout

@@ -25,7 +25,9 @@ def bench_serve(
     stations: list[int] = typer.Option(
         [1, 2], "--stations", help="Stations at once, each its own line (repeatable)."
     ),
-    cpus_per_replica: float = typer.Option(1, "--cpus-per-replica", min=0.1),
+    cpus_per_replica: float | None = typer.Option(
+        None, "--cpus-per-replica", min=0.1, help="Default: this machine's cores / replicas."
+    ),
     rounds: int = typer.Option(2, "--rounds", min=1, help="Timed runs of each arm, alternated."),
     engine: options.Engine = options.EngineOpt,
     json_out: Path | None = typer.Option(None, "--json", help="Write every figure as JSON."),

@@ -115,6 +115,10 @@ PLANT_KEYS = [field.name for field in fields(PlantSettings)]
 LINE_KEYS = [field.name for field in fields(PlantLine)]
 
 
+class UnknownLine(UsageError):
+    """A request for a line plant.yaml does not list (the service answers 404)."""
+
+
 @dataclass
 class ServedLine:
     """A line as a replica holds it."""
@@ -160,7 +164,7 @@ class PlantLines:
         try:
             return self.lines[name]
         except KeyError:
-            raise UsageError(
+            raise UnknownLine(
                 f"no line {name!r} is served here; the lines are {', '.join(sorted(self.lines))}"
             ) from None
 

@@ -18,6 +18,7 @@ Ray (the `cluster` extra, with Serve) is imported only here.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 from pathlib import Path
 from typing import Any
@@ -26,12 +27,13 @@ import ray
 import torch
 from ray import serve
 from ray.serve import Application
+from ray.serve.exceptions import RayServeException
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from musc_edge.errors import UsageError
 from musc_edge.runtime.cluster import join_ray
-from musc_edge.runtime.plant import LineBatch, PlantLines, PlantSettings, load_plant
+from musc_edge.runtime.plant import LineBatch, PlantLines, PlantSettings, UnknownLine, load_plant
 from musc_edge.runtime.wire import answer_to_json, decode_batch
 
 APP_NAME = "musc-edge"
@@ -59,8 +61,10 @@ class PlantScorer:
                 return self.reply(self.lines.line(route[1]).spec.to_json())
             if request.method == "POST" and len(route) == 3 and route[::2] == ["lines", "score"]:
                 return await self.score(route[1], request)
-        except UsageError as error:  # an unknown line, an image of the wrong size
-            return self.reply({"error": str(error)}, 404 if "no line" in str(error) else 400)
+        except UnknownLine as error:
+            return self.reply({"error": str(error)}, 404)
+        except UsageError as error:  # images of another size than the line's package takes
+            return self.reply({"error": str(error)}, 400)
         return self.reply({"error": f"no route {request.method} {request.url.path}"}, 404)
 
     async def score(self, name: str, request: Request) -> JSONResponse:
@@ -73,22 +77,25 @@ class PlantScorer:
         map_norm = request.query_params.get("map_norm", "batch")
         batch = LineBatch(name, images, previous, map_norm, max(1, window))
         self.lines.check(batch)
-        answers = await self.score_batches(batch)
+        scored = await self.score_batches(batch)
         return self.reply(
             {
                 "line": name,
                 "model_sha256": line.spec.model_sha256,
                 "calibration_sha256": line.spec.calibration_sha256,
-                "answers": answers,
+                **scored,
             }
         )
 
     @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.01)
-    async def score_batches(self, batches: list[LineBatch]) -> list[list[dict[str, Any]]]:
+    async def score_batches(self, batches: list[LineBatch]) -> list[dict[str, Any]]:
         """Line batches gathered across stations, scored together (in a thread: the replica
-        keeps answering health checks meanwhile)."""
+        keeps answering health checks meanwhile); each says how many were gathered."""
         answers = await asyncio.to_thread(self.lines.score, batches)
-        return [[answer_to_json(answer) for answer in group] for group in answers]
+        return [
+            {"answers": [answer_to_json(a) for a in group], "gathered": len(batches)}
+            for group in answers
+        ]
 
     def reply(self, body: dict[str, Any], status: int = 200) -> JSONResponse:
         """Every answer says which replica on which node gave it."""
@@ -144,7 +151,10 @@ def running_replicas() -> int:
 
 
 def stop_service() -> None:
-    """Take the plant's application down (when it was started) and leave the cluster."""
-    if ray.is_initialized():
-        serve.shutdown()
-        ray.shutdown()
+    """Take the plant's application down and leave the cluster: only this application, so a
+    cluster's other Serve applications keep running (a local instance ends with it)."""
+    if not ray.is_initialized():
+        return
+    with contextlib.suppress(RayServeException):  # Serve never started: nothing to delete
+        serve.delete(APP_NAME)
+    ray.shutdown()

@@ -289,6 +289,15 @@ def test_a_station_scores_through_the_service_as_run_does_and_waits_while_it_is_
         assert manifest["service"] == url and manifest["known_good_parts"] == 6
         assert next((tmp_path / "station" / "batches").glob("*/overlays/*.png")).stat().st_size > 0
 
+        # batches sent at once are gathered into one backbone run (@serve.batch)
+        preprocess = load_package(vits14_package).preprocessing()
+        pixels = [preprocess.resized(cv2.imread(str(camera / name))) for name in names[:5]]
+        client = ServiceClient(url, "bottle", 300)
+        with ThreadPoolExecutor(4) as pool:
+            replies = list(pool.map(lambda _: client.score(pixels, [], 5, "batch"), range(4)))
+        assert all(len(reply["answers"]) == 5 for reply in replies)
+        assert max(reply["gathered"] for reply in replies) >= 2
+
         unknown = run_line(camera, tmp_path / "unknown", "--remote", url, "--line", "cap")
         assert unknown.returncode == 2 and "no line 'cap' is served here" in unknown.stderr
     finally:

@@ -34,6 +34,11 @@ def overlap_helps() -> bool:
     return torch.cuda.is_available() or usable_cores() > 1
 
 
+def scoring_device() -> str:
+    """Where MuSc scores: the GPU when there is one (the features are moved there)."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 class Backend(ABC):
     """What scores a line's parts; see the module docstring."""
 
@@ -67,7 +72,7 @@ class LocalBackend(Backend):
         self.model_sha256 = package.sha256
         self.model_name = str(package.folder)
         self.preprocess = package.preprocessing()
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = scoring_device()
 
     def run_info(self) -> dict[str, Any]:
         package, musc = self.package, self.musc

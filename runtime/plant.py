@@ -29,6 +29,7 @@ from musc_edge.files import file_sha256
 from musc_edge.musc import MuSc
 from musc_edge.package import ModelPackage
 from musc_edge.profile import Profile
+from musc_edge.runtime.backends import scoring_device
 from musc_edge.runtime.camera import Arrival
 from musc_edge.runtime.known_good import KnownGood
 from musc_edge.runtime.runners import Runner
@@ -183,12 +184,15 @@ class PlantLines:
         for batch in batches:
             self.check(batch)
         items = {id(b): (request_items(b.images), request_items(b.previous)) for b in batches}
+        device = scoring_device()
         for sha256 in {self.line(batch.line).package.sha256 for batch in batches}:
             chosen = [b for b in batches if self.line(b.line).package.sha256 == sha256]
             every = [item for batch in chosen for group in items[id(batch)] for item in group]
             runner = self.line(chosen[0].line).runner
             normalise = self.line(chosen[0].line).package.preprocessing().normalise
             tokens, embeddings = runner.in_chunks(np.stack([normalise(i.pixels) for i in every]))
+            tokens = [layer.to(device) for layer in tokens]
+            embeddings = embeddings.to(device)
             for index, item in enumerate(every):
                 item.tokens = [layer[index] for layer in tokens]
                 item.embedding = embeddings[index]

@@ -135,6 +135,13 @@ class Service:
             nodes = self.nodes(line, pixels)
         return len(nodes)
 
+    def logged(self, text: str, seconds: float) -> bool:
+        """Whether the command's output shows `text` within `seconds`."""
+        deadline = time.monotonic() + seconds
+        while text not in self.log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        return text in self.log.read_text()
+
     def stop(self) -> None:
         self.process.send_signal(signal.SIGINT)
         try:
@@ -397,8 +404,11 @@ def test_two_stations_served_by_replicas_on_two_nodes_lose_nothing_when_a_node_d
             assert len(records) == len({r["file"] for r in records})  # none twice
             same_records(expected[line], by_file(tmp_path / line))  # none lost, run's scores
 
+        assert service.logged("replicas running: 1 of 2", 60)  # `serve` says so
+
         ray_start("--address", two_node_cluster, "--num-cpus", "1")  # a node joins again
         assert service.nodes_within(240, "line-a", pixels) == 2  # the lost replica is back
+        assert service.logged("replicas running: 2 of 2", 60)
     finally:
         for station in stations.values():
             if station.poll() is None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +48,19 @@ def serve(
                 f"{running_replicas()} replica(s) running\n"
                 f"stations: musc-edge run --camera-dir DIR --remote {url} --line NAME"
             )
-            stop.wait()
+            watch_replicas(settings.replicas, stop)
         finally:
             stop_service()
         console.print("stopped")
+
+
+def watch_replicas(wanted: int, stop: threading.Event, every: float = 10.0) -> None:
+    """Until stopped, say when the running replicas change (a node lost, one started again)."""
+    from musc_edge.runtime.service import running_replicas
+
+    shown = wanted
+    while not stop.wait(every):
+        running = running_replicas()
+        if running != shown:
+            console.print(f"{time.strftime('%H:%M:%S')} replicas running: {running} of {wanted}")
+            shown = running

@@ -22,7 +22,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from musc_edge.package import ModelPackage
 from musc_edge.parallel import usable_cores
 from musc_edge.runtime.addresses import free_port
 from musc_edge.runtime.backends import Backend, LocalBackend
@@ -87,7 +86,9 @@ def run_lines(
     return wall, latencies
 
 
-def timed(arm: str, round_: int, backends: Sequence[Backend], paths, batch_size: int) -> ArmRun:
+def timed(
+    arm: str, round_: int, backends: Sequence[Backend], paths: Sequence[Path], batch_size: int
+) -> ArmRun:
     with tempfile.TemporaryDirectory(prefix="musc-bench-serve-") as folder:
         wall, latencies = run_lines(backends, paths, batch_size, Path(folder))
     parts = len(backends) * len(paths)
@@ -95,7 +96,6 @@ def timed(arm: str, round_: int, backends: Sequence[Backend], paths, batch_size:
 
 
 def measure(
-    package: ModelPackage,
     local: LocalBackend,
     paths: Sequence[Path],
     batch_size: int,
@@ -114,7 +114,7 @@ def measure(
 
     runs: list[ArmRun] = []
     for count in replicas:
-        lines = {f"line-{index}": {"model": package.folder} for index in range(max(stations))}
+        lines = {f"line-{i}": {"model": local.package.folder} for i in range(max(stations))}
         settings = plant_settings(
             {
                 "lines": lines,

@@ -28,7 +28,6 @@ from musc_edge.errors import UsageError
 from musc_edge.files import file_sha256
 from musc_edge.musc import MuSc
 from musc_edge.package import ModelPackage
-from musc_edge.profile import Profile
 from musc_edge.runtime.backends import scoring_device
 from musc_edge.runtime.camera import Arrival
 from musc_edge.runtime.known_good import KnownGood
@@ -184,26 +183,32 @@ class PlantLines:
         for batch in batches:
             self.check(batch)
         items = {id(b): (request_items(b.images), request_items(b.previous)) for b in batches}
+        by_package: dict[str, list[LineBatch]] = {}
+        for batch in batches:
+            by_package.setdefault(self.line(batch.line).package.sha256, []).append(batch)
         device = scoring_device()
-        for sha256 in {self.line(batch.line).package.sha256 for batch in batches}:
-            chosen = [b for b in batches if self.line(b.line).package.sha256 == sha256]
+        for chosen in by_package.values():
+            line = self.line(chosen[0].line)  # every line of the group has this package
             every = [item for batch in chosen for group in items[id(batch)] for item in group]
-            runner = self.line(chosen[0].line).runner
-            normalise = self.line(chosen[0].line).package.preprocessing().normalise
-            tokens, embeddings = runner.in_chunks(np.stack([normalise(i.pixels) for i in every]))
+            normalise = line.package.preprocessing().normalise
+            tokens, embeddings = line.runner.in_chunks(
+                np.stack([normalise(i.pixels) for i in every])
+            )
             tokens = [layer.to(device) for layer in tokens]
             embeddings = embeddings.to(device)
             for index, item in enumerate(every):
                 item.tokens = [layer[index] for layer in tokens]
                 item.embedding = embeddings[index]
-        return [self._score(batch, *items[id(batch)]) for batch in batches]
-
-    def _score(self, batch: LineBatch, items: list[Item], previous: list[Item]) -> list[Answer]:
-        line = self.line(batch.line)
-        profile = Profile()
-        return score_after(
-            items, previous, line.musc, batch.map_norm, line.known_good, batch.window, profile
-        )
+        return [
+            score_after(
+                *items[id(batch)],
+                self.line(batch.line).musc,
+                batch.map_norm,
+                self.line(batch.line).known_good,
+                batch.window,
+            )
+            for batch in batches
+        ]
 
 
 def request_items(images: np.ndarray) -> list[Item]:

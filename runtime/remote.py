@@ -25,7 +25,7 @@ import urllib.error
 import urllib.request
 from collections import deque
 from collections.abc import Callable, Iterable
-from functools import partial
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +41,7 @@ from musc_edge.runtime.backends import Backend
 from musc_edge.runtime.inspections import Inspection
 from musc_edge.runtime.known_good import KnownGood
 from musc_edge.runtime.record import ResultRecord
-from musc_edge.runtime.schedulers import BatchScheduler, Scheduler, Scored, profiled
+from musc_edge.runtime.schedulers import BatchScheduler, Scheduler, Scored
 from musc_edge.runtime.scoring import Part, PartAnswers, Window
 from musc_edge.runtime.settings import LineSettings
 from musc_edge.runtime.verdicts import CalibratedJudge, FixedJudge, HistoryJudge, Judge, Verdicts
@@ -139,23 +139,23 @@ class RemoteScheduler(BatchScheduler):
         return max(0, super().room())  # a batch put back may fill the hand past one batch
 
     def ready(self, finishing: bool) -> tuple[list[Scored], bool]:
-        done: list[Scored] = []
-        if self.scoring is not None and self.scoring.done():
-            future, self.scoring = self.scoring, None
-            try:
-                done.append(future.result())
-                self.failure, self.pause = None, RETRY_FIRST
-            except ServiceUnavailable as error:
-                self._failed(str(error))
-        if self.scoring is not None or time.monotonic() < self.retry_at:
-            return done, False
-        if not self._due(finishing):
-            return done, False
-        self.sending = self.in_hand[: self.batch_size]
-        self.in_hand = self.in_hand[self.batch_size :]
-        self.sent_at = time.monotonic()
-        self.scoring = self.worker.submit(profiled, partial(self._score, self.sending))
-        return done, True
+        done, started = super().ready(finishing)
+        if started:
+            self.sent_at = time.monotonic()
+        return done, started
+
+    def _collect(self, future: Future[Scored]) -> list[Scored]:
+        try:
+            scored = future.result()
+        except ServiceUnavailable as error:
+            self._failed(str(error))
+            return []
+        self.failure, self.pause = None, RETRY_FIRST
+        return [scored]
+
+    def _due(self, finishing: bool) -> bool:
+        """As a batch is due, but not before the pause after a failure has passed."""
+        return time.monotonic() >= self.retry_at and super()._due(finishing)
 
     def _failed(self, why: str) -> None:
         """Keep the batch first in hand and try again after a pause."""
@@ -168,6 +168,7 @@ class RemoteScheduler(BatchScheduler):
         self.pause = min(RETRY_MAX, 2 * self.pause)
 
     def _score(self, parts: list[Part], profile: Profile) -> list[PartAnswers]:
+        self.sending = parts  # read (in _collect) only once the future is done
         items = [part[0] for part in parts]  # a station judges one inspection (module doc)
         pixels = [item.pixels for item in items]
         previous = list(self.previous) if len(items) < RELIABLE_BATCH else []

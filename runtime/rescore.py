@@ -31,7 +31,7 @@ from musc_edge.errors import UsageError
 from musc_edge.files import file_sha256
 from musc_edge.images import ImageReadError, list_images, read_image
 from musc_edge.musc import RELIABLE_BATCH
-from musc_edge.runtime.cluster import join_ray
+from musc_edge.runtime.cluster import join_ray, use_assigned_cpus
 from musc_edge.runtime.journal import Journal
 from musc_edge.runtime.record import Key, ResultRecord, Timings
 from musc_edge.runtime.scoring import Item
@@ -114,7 +114,6 @@ class BatchScorer:
 
     def __init__(self, model: str, calibration: str | None, engine: str, batch_size: int) -> None:
         import ray
-        import torch
 
         from musc_edge.calibration import load_calibration
         from musc_edge.musc import MuSc
@@ -122,9 +121,7 @@ class BatchScorer:
         from musc_edge.runtime.known_good import KnownGood
         from musc_edge.runtime.runners import open_runner
 
-        # the CPUs Ray gave this actor (--cpus-per-worker) are the threads of its scoring
-        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
-        torch.set_num_threads(max(1, int(cpus)))
+        use_assigned_cpus()
         self.package = load_package(Path(model))
         self.runner = open_runner(self.package, engine)
         self.musc = MuSc.for_package(self.package)

@@ -147,7 +147,7 @@ class BatchScheduler(Scheduler):
         done: list[Scored] = []
         if self.scoring is not None and self.scoring.done():
             future, self.scoring = self.scoring, None
-            done.append(future.result())  # the worker's errors are raised here
+            done.extend(self._collect(future))
         if self.scoring is not None or not self._due(finishing):
             return done, False
         parts, self.in_hand = self.in_hand[: self.batch_size], self.in_hand[self.batch_size :]
@@ -157,6 +157,10 @@ class BatchScheduler(Scheduler):
             return done, False
         self.scoring = self.worker.submit(profiled, score)
         return done, True
+
+    def _collect(self, future: Future[Scored]) -> list[Scored]:
+        """The worker's answers to commit (its errors are raised here)."""
+        return [future.result()]
 
     def _score(self, parts: list[Part], profile: Profile) -> list[PartAnswers]:
         """Each inspection item of the parts scored as one batch."""

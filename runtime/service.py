@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import ray
-import torch
 from ray import serve
 from ray.serve import Application
 from ray.serve.exceptions import RayServeException
@@ -32,7 +31,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from musc_edge.errors import UsageError
-from musc_edge.runtime.cluster import join_ray
+from musc_edge.runtime.cluster import join_ray, use_assigned_cpus
 from musc_edge.runtime.plant import LineBatch, PlantLines, PlantSettings, UnknownLine, load_plant
 from musc_edge.runtime.wire import answer_to_json, decode_batch
 
@@ -44,8 +43,7 @@ class PlantScorer:
     """Every line of the plant in one replica; see the module docstring."""
 
     def __init__(self, settings: PlantSettings) -> None:
-        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
-        torch.set_num_threads(max(1, int(cpus)))  # the CPUs Serve gave this replica
+        use_assigned_cpus()
         self.lines = PlantLines(settings)
         self.node = ray.get_runtime_context().get_node_id()
         self.replica = serve.get_replica_context().replica_id.unique_id

@@ -54,7 +54,7 @@ def bench_serve(
             f"{count} images per station, batch {batch_size}; load {os.getloadavg()[0]:.2f}"
         )
         runs = measure(
-            package, local, paths, batch_size, replicas, stations, rounds, cpus_per_replica,
+            local, paths, batch_size, replicas, stations, rounds, cpus_per_replica,
             on_run=lambda run: console.print(
                 f"round {run.round} {run.arm}: {run.wall_s:.1f} s, {run.parts_per_s:.2f} "
                 f"parts/s, latency {run.latency_ms:.0f} ms"

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
 from pydantic import ValidationError
 
 from musc_edge.bench.datasets import load_samples
@@ -133,10 +134,12 @@ def stream_report(parts: list[Part], records: list) -> dict:
         "auroc": image_metrics(labels, [ranking_score(r) for r in scored])["auroc"]
         if 0 < sum(labels) < len(labels)
         else None,
+        "auroc_mutual": mutual_auroc(labels, scored),
         "uncalibrated_records": sum(not r.calibrated for r in scored),
         "shift_records": sum(r.shift for r in scored),
         "repeated_flags": sum(r.repeated for r in scored),
         "joined_references": sum(r.joined_references for r in scored),
+        **timing_report(scored),
         "by_kind": {},
     }
     for kind in sorted({truth[r.file].kind for r in scored}):
@@ -152,6 +155,29 @@ def stream_report(parts: list[Part], records: list) -> dict:
             else None,
         }
     return report
+
+
+def mutual_auroc(labels: list[int], records: list) -> float | None:
+    """The AUROC of the mutual score alone (`raw_score`), where the line computed one: what
+    `--mutual` knows of the parts besides their distance to the known-good ones."""
+    if any(r.raw_score is None for r in records) or not 0 < sum(labels) < len(labels):
+        return None
+    return image_metrics(labels, [r.raw_score for r in records])["auroc"]
+
+
+def timing_report(records: list) -> dict:
+    """What the records' own timings say: features and scoring summed (a commit's scoring
+    counted once, however many parts it answered), their ratio, and the p95 latency from a
+    part's file ready to its answer committed."""
+    features = sum(r.timings.features_ms or 0.0 for r in records)
+    commits = {r.commit: r.timings.score_ms or 0.0 for r in records}
+    latencies = [r.timings.latency_ms for r in records if r.timings.latency_ms is not None]
+    return {
+        "features_ms_total": features,
+        "score_ms_total": sum(commits.values()),
+        "score_per_feature": sum(commits.values()) / features if features else None,
+        "latency_p95_ms": float(np.percentile(latencies, 95)) if latencies else None,
+    }
 
 
 def line_settings_of(camera: Path, out: Path, settings: dict) -> LineSettings:

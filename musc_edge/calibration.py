@@ -38,7 +38,12 @@ EULER_GAMMA = 0.5772156649
 MIN_PARTS = 5
 CONFIDENCE = 0.95  # of the stated bound on the false-reject rate
 SPREAD_FLOOR = 1e-3  # distance units: a position that never varies still has some spread
-BANK_PATCHES = 32768  # per pooled set: above this many good patches, a k-centre coreset
+# The bank, per pooled set: the CORESET fraction of the good patches (greedy k-centre), at
+# most BANK_PATCHES. A part's scoring costs its patches times the bank's against a backbone
+# pass of about its patches, so the cap bounds scoring / backbone whatever the input size
+# (about 0.3 at most on a 2-core CPU in fp32); chosen from `bench bank` (docs/benchmarks.md).
+BANK_PATCHES = 2048
+CORESET = 0.25
 MAX_VOTERS = 32  # good parts that join MSM as references (the bank keeps all parts' patches)
 
 
@@ -118,11 +123,20 @@ class Calibration:
     def aligned(self) -> bool:
         return self.aligned_spread is not None
 
-    def references(self, dtype: torch.dtype = torch.float32) -> References:
-        """The bank as MuSc references (voters that receive no score), in MSM's precision."""
-        sets = [z.to(dtype) for z in self.sets]
-        bank = None if self.bank is None else [b.to(dtype) for b in self.bank]
-        return References(sets, self.embeddings, self.mutual_scores, self.aligned_spread, bank)
+    def references(
+        self, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+    ) -> References:
+        """The bank as MuSc references (voters that receive no score), in MSM's precision, on
+        the device that scores."""
+        sets = [z.to(device, dtype) for z in self.sets]
+        bank = None if self.bank is None else [b.to(device, dtype) for b in self.bank]
+        return References(
+            sets,
+            self.embeddings.to(device),
+            self.mutual_scores.to(device),
+            self.aligned_spread,
+            bank,
+        )
 
     def summary(self) -> dict:
         """What the terminal and the docs report: parts, score spread, threshold, rates."""
@@ -179,13 +193,15 @@ def calibrate(
     target_frr: float = 0.01,
     aligned: bool = False,
     bank_patches: int = BANK_PATCHES,
+    coreset: float = CORESET,
 ) -> Calibration:
     """A calibration from the known-good parts' backbone outputs.
 
     `aligned` (parts held in a fixture): each position is judged against its own spread on
     the good parts, which also catches a defect that repeats at one place (docs/verdicts.md).
-    Above `bank_patches` good patches per set the bank is their k-centre coreset, and each
-    part's held-out score is measured against the coreset less its own patches; at most
+    The bank keeps the `coreset` fraction of the good patches per set, at most
+    `bank_patches`, chosen by greedy k-centre (1.0 and few parts: all of them); each part's
+    held-out score is measured against the bank less its own patches; at most
     MAX_VOTERS parts, evenly spread over the given ones, join MSM as references.
     """
     if not 0 < target_frr < 1:
@@ -196,14 +212,17 @@ def calibrate(
         )
     if bank_patches < 1:
         raise CalibrationError(f"--bank-size must be at least 1 patch, got {bank_patches}")
+    if not 0 < coreset <= 1:
+        raise CalibrationError(f"--coreset must be a fraction in (0, 1], got {coreset}")
     sets = [z.to(STORED_DTYPE) for z in musc.pool(tokens)]
     voters = voter_indices(len(files))
     mutual = musc.score([t[voters] for t in tokens], embeddings[voters]).raw_scores
     count, patches = sets[0].shape[:2]
     flat = [z.reshape(count * patches, -1) for z in sets]
     chosen = torch.arange(count * patches)  # every part's patches, not only the voters'
-    if count * patches > bank_patches:
-        chosen = k_centre(sets, bank_patches)
+    kept = min(bank_patches, math.ceil(coreset * count * patches))
+    if count * patches > kept:
+        chosen = k_centre(sets, kept)
     bank, origin = [z[chosen] for z in flat], chosen // patches
     held_out = [
         nearest_distances(

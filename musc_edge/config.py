@@ -11,7 +11,7 @@ import yaml
 from musc_edge.errors import UsageError
 from musc_edge.size import ImageSize
 
-DEFAULT_PRESET = "dinov2-vits14-224"
+DEFAULT_PRESET = "dinov2-vits14-336"
 
 
 @dataclass(frozen=True)

@@ -107,7 +107,7 @@ class References:
         """These references and `other`'s as one set of voters (our positional spread).
 
         The voters are all MSM needs; a separate bank is left out, since copying up to a
-        coreset's 32768 patches per set for every scored batch would buy nothing (the bank
+        coreset's thousands of patches per set for every scored batch would buy nothing (the bank
         maps are measured against the known-good references alone). `grow` keeps it."""
         if other is None or not len(other):
             return self

@@ -15,6 +15,13 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
+def scoring_device() -> str:
+    """Where MuSc scores: the GPU when there is one (features and known-good parts go there)."""
+    import torch  # the decoding helpers here need no torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def usable_cores() -> int:
     """Cores this process may run on (a container's CPU set, not the host's count)."""
     if hasattr(os, "sched_getaffinity"):

@@ -19,12 +19,12 @@ import torch
 
 from musc_edge.musc import MuSc
 from musc_edge.package import ModelPackage
-from musc_edge.parallel import usable_cores
+from musc_edge.parallel import scoring_device, usable_cores
 from musc_edge.runtime.inspections import Inspection, inspections_of
 from musc_edge.runtime.known_good import KnownGood
 from musc_edge.runtime.record import ResultRecord
 from musc_edge.runtime.runners import Runner
-from musc_edge.runtime.schedulers import SCHEDULERS, Scheduler
+from musc_edge.runtime.schedulers import SCHEDULERS, Scheduler, scheduler_name
 from musc_edge.runtime.settings import LineSettings
 
 
@@ -32,11 +32,6 @@ def overlap_helps() -> bool:
     """Whether extracting the next images while a batch is scored pays here: with a GPU, or
     with more than one core (measured on two: 14 % less time per part, docs/benchmarks.md)."""
     return torch.cuda.is_available() or usable_cores() > 1
-
-
-def scoring_device() -> str:
-    """Where MuSc scores: the GPU when there is one (the features are moved there)."""
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 class Backend(ABC):
@@ -94,8 +89,9 @@ class LocalBackend(Backend):
 
     def scheduler(self, settings: LineSettings, known_good: list[KnownGood | None]) -> Scheduler:
         overlap = overlap_helps() if settings.overlap is None else settings.overlap
-        options = {"overlap": overlap} if settings.mode == "batch" else {}
-        return SCHEDULERS[settings.mode](
+        name = scheduler_name(settings.mode.value, known_good)
+        options = {"overlap": overlap} if name == "batch" else {}
+        return SCHEDULERS[name](
             self.musc,
             settings.batch_size,
             settings.map_norm.value,

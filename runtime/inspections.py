@@ -97,7 +97,8 @@ def inspection(
     if calibration_path is not None:
         calibration = load_calibration(calibration_path, package)
         calibration.check_region(region, calibration_path)
-        known_good = KnownGood(calibration, settings.refresh_references, dtype)
+        mutual = not settings.judged_alone
+        known_good = KnownGood(calibration, settings.refresh_references, dtype, mutual)
     verdicts = Verdicts.for_line(threshold, known_good, history, settings.batch_size)
     return Inspection(name, region, calibration_path, known_good, verdicts)
 

@@ -6,6 +6,10 @@ answered normal by a clear margin (a score at most halfway from the typical know
 to the threshold), so no part near the threshold, and no defect, can teach the line that it
 is normal. The newest N are kept; the calibration's own parts always stay, and the threshold
 stays the calibration's.
+
+The parts judge alone by default: a part's score is its distance to them and nothing else is
+computed (`scoring.score_known_good`). With `mutual` (`--mutual`) they also vote in MuSc's
+mutual scores of every batch and window, as before the scorer judged alone.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import torch
 
 from musc_edge.calibration import Calibration
 from musc_edge.musc import References
+from musc_edge.parallel import scoring_device
 
 MARGIN = 0.5  # a joining part scores at most halfway from the typical good part to the threshold
 
@@ -28,17 +33,22 @@ class Joined:
     file: str
     sets: list[torch.Tensor]
     embedding: torch.Tensor
-    raw_score: float
+    raw_score: float  # NaN when the line does not score mutually (RsCIN never reads it then)
 
 
 class KnownGood:
     """The calibration's parts plus up to `refresh` recent parts answered clearly normal."""
 
     def __init__(
-        self, calibration: Calibration, refresh: int = 0, dtype: torch.dtype = torch.float32
+        self,
+        calibration: Calibration,
+        refresh: int = 0,
+        dtype: torch.dtype = torch.float32,
+        mutual: bool = False,
     ) -> None:
         self.calibration = calibration
-        self.base = calibration.references(dtype)
+        self.mutual = mutual  # also score parts mutually with their batch or window
+        self.base = calibration.references(dtype, scoring_device())
         typical = float(calibration.scores.median())
         self.margin = typical + MARGIN * (calibration.threshold - typical)
         self.joined: deque[Joined] = deque(maxlen=max(refresh, 0) or None)

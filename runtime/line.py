@@ -94,6 +94,7 @@ class LineParts:
             **inspections_info(inspections),
             "map_norm": settings.map_norm.value,
             "overlap": scheduler.overlaps,
+            "scheduler": type(scheduler).__name__,  # AloneScheduler: judged alone, no MSM
         }
         setup = SinkSetup(out_dir, journal, run_info, health=health)
         sinks = open_sinks(setup, settings.sinks)

@@ -28,7 +28,7 @@ from musc_edge.errors import UsageError
 from musc_edge.files import file_sha256
 from musc_edge.musc import MuSc
 from musc_edge.package import ModelPackage
-from musc_edge.runtime.backends import scoring_device
+from musc_edge.parallel import scoring_device
 from musc_edge.runtime.camera import Arrival
 from musc_edge.runtime.known_good import KnownGood
 from musc_edge.runtime.runners import Runner

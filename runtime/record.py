@@ -53,7 +53,7 @@ class ItemResult:
     name: str
     region: list[int] | None  # x, y, width, height
     score: float
-    raw_score: float
+    raw_score: float | None  # None: the line does not score mutually (a calibration alone)
     reference_score: float | None
     label: str | None
     threshold: float | None
@@ -82,7 +82,7 @@ class ResultRecord:
     batch: StrictInt
     mode: str
     score: float | None = None  # what the label is on, in patch-distance units (verdicts.md)
-    raw_score: float | None = None  # max mutual patch distance
+    raw_score: float | None = None  # max mutual patch distance; None: not scored mutually
     reference_score: float | None = None  # max distance to the known-good parts (calibrated)
     label: str | None = None  # "anomalous", "normal", or None without a threshold
     threshold: float | None = None

@@ -112,7 +112,9 @@ def parts_of(text: str) -> list[ArchivedPart]:
 class BatchScorer:
     """A Ray Data actor: reads, preprocesses and scores whole batches, as the line does."""
 
-    def __init__(self, model: str, calibration: str | None, engine: str, batch_size: int) -> None:
+    def __init__(
+        self, model: str, calibration: str | None, engine: str, batch_size: int, mutual: bool
+    ) -> None:
         import ray
 
         from musc_edge.calibration import load_calibration
@@ -131,7 +133,7 @@ class BatchScorer:
         self.known_good = None
         if calibration is not None:
             loaded = load_calibration(Path(calibration), self.package)
-            self.known_good = KnownGood(loaded, 0, self.musc.precision.dtype)
+            self.known_good = KnownGood(loaded, 0, self.musc.precision.dtype, mutual)
 
     def __call__(self, rows: dict[str, np.ndarray]) -> dict[str, list]:
         answers: list[dict[str, Any]] = []
@@ -350,6 +352,7 @@ def answer_stream(
     workers: int,
     batch_size: int,
     cpus_per_worker: float,
+    mutual: bool,
 ) -> Iterator[dict[str, Any]]:
     """The Ray Data pipeline: the batches spread over `workers` actors, answers in order."""
     import ray
@@ -365,6 +368,7 @@ def answer_stream(
             "calibration": None if calibration is None else str(calibration),
             "engine": engine,
             "batch_size": batch_size,
+            "mutual": mutual,
         },
         batch_size=1,
         # one batch at a time per actor: a batch is a whole task, so queueing a second on a
@@ -388,6 +392,7 @@ def run_rescore(
     engine: str,
     cpus_per_worker: float = 1,
     on_batch: Callable[[int, int], None] = lambda done, total: None,
+    mutual: bool = False,
 ) -> Summary:
     """Re-score the archive's unanswered images into OUT; returns the whole summary."""
     import ray
@@ -402,7 +407,7 @@ def run_rescore(
     refuse_other_model(journal, package.sha256, package.folder)
     known_good = None
     if calibration is not None:
-        known_good = KnownGood(load_calibration(calibration, package))
+        known_good = KnownGood(load_calibration(calibration, package), mutual=mutual)
     # labels as the line gives them (the calibration's threshold, else the history's); the
     # --threshold values are what-ifs for the summary
     # (its KnownGood refreshes nothing: a re-score never lets parts join the references)
@@ -414,7 +419,7 @@ def run_rescore(
         join_ray(address)
         try:
             answers = answer_stream(
-                rows, model, calibration, engine, workers, batch_size, cpus_per_worker
+                rows, model, calibration, engine, workers, batch_size, cpus_per_worker, mutual
             )
             first = journal.last_batch + 1
             done = 0

@@ -14,6 +14,9 @@ here.
   `overlap`, a batch is scored in a worker thread while the loop extracts the next items.
 - `RollingScheduler`: each item is answered on arrival against the window of the last
   answered ones (`scoring.RollingScorer`).
+- `AloneScheduler`: a calibrated line that judges by its known-good parts alone (no
+  `--mutual`), in either mode: each part is answered on arrival, by itself
+  (`scoring.score_known_good`); nothing is held, so no batch or warm-up is waited for.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_for
 from functools import partial
+
+import torch
 
 from musc_edge.musc import MuSc
 from musc_edge.profile import Profile
@@ -36,6 +41,7 @@ from musc_edge.runtime.scoring import (
     Window,
     per_part,
     score_batch,
+    score_known_good,
 )
 
 Scored = tuple[list[PartAnswers], Profile]  # answers per part and the stage times
@@ -217,13 +223,9 @@ class BatchScheduler(Scheduler):
             self.worker.shutdown(wait=True)
 
 
-class RollingScheduler(Scheduler):
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.scorers = [
-            RollingScorer(self.musc, self.batch_size, self.map_norm, known)
-            for known in self.known_good
-        ]  # one per inspection item, all in the same state: they see the same parts
+class OnArrivalScheduler(Scheduler):
+    """Answers each part as it is added (`_answer`); groups of `batch_size` answers share a
+    batch number (and a manifest)."""
 
     def room(self) -> int:
         return self.max_batch
@@ -231,6 +233,24 @@ class RollingScheduler(Scheduler):
     def add(self, parts: list[Part]) -> Iterator[Scored]:
         for part in parts:
             yield profiled(partial(self._answer, part))
+
+    def _answer(self, part: Part, profile: Profile) -> list[PartAnswers]:
+        raise NotImplementedError
+
+    def batch_number(self, journal: Journal) -> int:
+        records = journal.last_batch_records
+        if 0 < len(records) < self.batch_size:
+            return journal.last_batch
+        return journal.last_batch + 1
+
+
+class RollingScheduler(OnArrivalScheduler):
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.scorers = [
+            RollingScorer(self.musc, self.batch_size, self.map_norm, known)
+            for known in self.known_good
+        ]  # one per inspection item, all in the same state: they see the same parts
 
     def _answer(self, part: Part, profile: Profile) -> list[PartAnswers]:
         return per_part(
@@ -250,13 +270,53 @@ class RollingScheduler(Scheduler):
     def held(self) -> int:
         return len(self.scorers[0].waiting)
 
-    def batch_number(self, journal: Journal) -> int:
-        """Groups of `batch_size` answers share a batch number (and a manifest)."""
-        records = journal.last_batch_records
-        if 0 < len(records) < self.batch_size:
-            return journal.last_batch
-        return journal.last_batch + 1
+
+class AloneScheduler(OnArrivalScheduler):
+    """Each part answered on arrival by its known-good parts alone (module docstring)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if any(known is None or known.mutual for known in self.known_good):
+            raise ValueError("AloneScheduler needs every item's known-good parts, judging alone")
+        for known in self.known_good:
+            self._warm_up(known)
+
+    def _warm_up(self, known: KnownGood) -> None:
+        """Pool and measure one random image of the calibration's shape, so the first part's
+        answer does not carry the pooling op's one-time set-up (about 2 s on a CPU)."""
+        _, patches, width = known.calibration.sets[0].shape
+        layers = len(known.calibration.sets) // len(self.musc.r_list)
+        references = known.references()
+        image = torch.randn(1, patches, width, device=references.sets[0].device)
+        self.musc.bank_maps(self.musc.pool([image] * layers), references)
+
+    def _answer(self, part: Part, profile: Profile) -> list[PartAnswers]:
+        return per_part(
+            [
+                score_known_good([item], self.musc, self.map_norm, known, profile)
+                for known, item in zip(self.known_good, part, strict=True)
+            ]
+        )
+
+    def ready(self, finishing: bool) -> tuple[list[Scored], bool]:
+        return [], False  # nothing is ever held
+
+    @property
+    def held(self) -> int:
+        return 0
 
 
-# one scheduler per --mode (runtime/settings.py: Mode)
-SCHEDULERS: dict[str, type[Scheduler]] = {"batch": BatchScheduler, "rolling": RollingScheduler}
+# one scheduler per --mode (runtime/settings.py: Mode), and the one a calibration judging alone
+# uses in either mode (`scheduler_name`)
+SCHEDULERS: dict[str, type[Scheduler]] = {
+    "batch": BatchScheduler,
+    "rolling": RollingScheduler,
+    "alone": AloneScheduler,
+}
+
+
+def scheduler_name(mode: str, known_good: list[KnownGood | None]) -> str:
+    """`alone` when every item is judged by known-good parts alone, else the mode's."""
+    if all(known is not None and not known.mutual for known in known_good):
+        return "alone"
+    return mode

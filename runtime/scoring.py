@@ -8,8 +8,12 @@ In batch mode a partial batch too small to judge on its own (the tail of a run, 
 batch of fewer than RELIABLE_BATCH parts) is scored with the previous batch's images as
 references, so a batch of one part is still compared with others.
 Both go through `MuSc` itself; every answer says how many images it was compared with.
-With a calibration the known-good parts vote too, in every batch and window, and the score an
-image is judged by is its distance to them (docs/verdicts.md). Thresholds and labels are the
+
+With a calibration the score an image is judged by is its distance to the known-good parts
+(docs/verdicts.md), and by default that is all that is computed: each part alone, pooled and
+measured against the bank (`score_known_good`), with no batch or window to wait for, no mutual
+scoring, RsCIN or consistency guard whose results would decide nothing. With `--mutual` the
+known-good parts vote in MuSc's batch and window scores as well. Thresholds and labels are the
 line's judge's business (`verdicts.py`), not this module's.
 """
 
@@ -53,7 +57,7 @@ class Answer:
 
     item: Item
     score: float  # what the verdict is on, in patch-distance units (docs/verdicts.md)
-    raw_score: float  # max of the mutual patch map
+    raw_score: float | None  # max of the mutual patch map; None: not scored mutually
     reference_score: float | None  # max distance to the known-good parts (calibrated)
     patch_map: torch.Tensor  # (h, h) the map the score comes from
     heat: np.ndarray  # (h, h) in [0, 1], normalised per --map-norm
@@ -114,6 +118,59 @@ def answers_of(
     ]
 
 
+# a calibrated part's heat on the calibration's own scale: 0 at distance 0, 1 at this many
+# times the threshold, so the same colour means the same distance on every part
+HEAT_SPAN = 1.5
+
+
+def calibrated_heat(maps: torch.Tensor, threshold: float, map_norm: str) -> np.ndarray:
+    """(N, h, w) bank maps -> heat in [0, 1]: per image (`image`), else on the calibration's
+    scale (a part scored alone has no batch to be scaled with)."""
+    values = maps.float().cpu().numpy()
+    if map_norm == "image":
+        return normalise_maps(values, map_norm)
+    return np.clip(values / (HEAT_SPAN * threshold), 0.0, 1.0)
+
+
+def known_good_maps(
+    tokens: list[torch.Tensor], musc: MuSc, known_good: KnownGood, profile: Profile
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """(N, L, C) tokens per layer -> their pooled sets (LNAMD, the package's blocks) and
+    (N, rows, columns) maps of each patch's distance to the nearest known-good patch,
+    averaged over the sets: all a part judged alone needs."""
+    with profile.stage("lnamd"):
+        sets = musc.pool(tokens)
+    with profile.stage("bank"):
+        maps = musc.bank_maps(sets, known_good.references())
+    return sets, maps
+
+
+def score_known_good(
+    items: list[Item], musc: MuSc, map_norm: str, known_good: KnownGood, profile: Profile
+) -> list[Answer]:
+    """Each item judged by its known-good parts alone (`known_good_maps`); the score is the
+    map's largest distance. An item's answer depends on nothing else in the call, so a part
+    is answered as soon as its features are ready, and a batch scored here equals its parts
+    scored one by one."""
+    sets, maps = known_good_maps(stack_items(items)[0], musc, known_good, profile)
+    with profile.stage("maps"):
+        heat = calibrated_heat(maps, known_good.calibration.threshold, map_norm)
+    scores = maps.flatten(1).amax(dim=1)
+    return [
+        Answer(
+            item,
+            float(scores[i]),
+            None,
+            float(scores[i]),
+            maps[i],
+            heat[i],
+            sets=[z[i] for z in sets],
+            compared=len(known_good),
+        )
+        for i, item in enumerate(items)
+    ]
+
+
 def score_against(
     items: list[Item],
     sets: list[torch.Tensor],
@@ -155,8 +212,11 @@ def score_batch(
     also compared with the window's images (references), and every batch then joins the
     window. Larger partial batches are scored on their own, as MuSc does: on a stream of
     grouped defects the previous batch would lend them its defects as look-alikes (measured
-    in docs/runtime.md). Stages are timed into `profile`."""
+    in docs/runtime.md). Known-good parts that judge alone (`KnownGood.mutual` off) score
+    each item by itself instead. Stages are timed into `profile`."""
     profile = profile or Profile()
+    if known_good is not None and not known_good.mutual:
+        return score_known_good(items, musc, map_norm, known_good, profile)
     tokens, embeddings = stack_items(items)
     with profile.stage("lnamd"):
         sets = musc.pool(tokens)
@@ -185,7 +245,7 @@ def score_after(
     service): `previous`, the line's last batch, is scored first to rebuild the window a batch
     too small to be judged alone is compared with (the same window when it was one batch)."""
     window = Window(window_size, musc.precision.dtype)
-    if previous:
+    if previous and (known_good is None or known_good.mutual):  # else each part is alone
         score_batch(previous, musc, map_norm, known_good, window)
     return score_batch(items, musc, map_norm, known_good, window, profile)
 

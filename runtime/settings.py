@@ -86,6 +86,9 @@ class LineSettings:
     threshold: float | None = None  # None ("auto"): the calibration's, else the line's history
     calibration: Path | None = None  # known-good parts from `musc-edge calibrate`
     refresh_references: int = Field(0, ge=0)  # calibrated: recent clearly-normal parts join
+    # calibrated: also score parts mutually (MuSc's MSM and RsCIN over the batch or window);
+    # off, each part is judged by its known-good parts alone, on arrival (docs/verdicts.md)
+    mutual: bool = False
     map_norm: MapNorm = MapNorm.batch
     poll: float = Field(0.5, ge=0.01)
     settle: float = Field(1.0, ge=0)
@@ -144,6 +147,14 @@ class LineSettings:
             )
         if self.refresh_references and self.calibration is None and not self.items:
             raise ValueError("--refresh-references needs a --calibration to refresh")
+
+    @property
+    def judged_alone(self) -> bool:
+        """Whether parts are judged by their known-good parts alone: the whole image or every
+        item calibrated, and no --mutual. An uncalibrated item needs its batch or window
+        anyway, so beside one every item is scored mutually."""
+        calibrations = [item.calibration for item in self.items.values()] or [self.calibration]
+        return not self.mutual and None not in calibrations
 
 
 @dataclass(config=CONFIG)

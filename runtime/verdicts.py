@@ -24,6 +24,7 @@ one at the end of a run with no earlier parts in memory) it is labelled "unjudge
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -284,5 +285,6 @@ class Verdicts:
         if self.known_good is None or not self.known_good.refresh or verdict != NORMAL:
             return False
         item = answer.item
-        joined = Joined(item.arrival.file, answer.sets, item.embedding, answer.raw_score)
+        raw = math.nan if answer.raw_score is None else answer.raw_score
+        joined = Joined(item.arrival.file, answer.sets, item.embedding, raw)
         return self.known_good.offer(joined, answer.score)

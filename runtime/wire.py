@@ -94,13 +94,17 @@ def answer_to_json(answer: Answer) -> dict[str, Any]:
     }
 
 
+def optional_float(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
 def answer_from_json(item: Item, data: dict[str, Any]) -> Answer:
     """The station's answer for its `item` from the service's JSON."""
     return Answer(
         item,
         float(data["score"]),
-        float(data["raw_score"]),
-        None if data["reference_score"] is None else float(data["reference_score"]),
+        optional_float(data["raw_score"]),
+        optional_float(data["reference_score"]),
         torch.tensor(data["patch_map"], dtype=torch.float32),
         np.asarray(data["heat"], np.float32),
         repeated=bool(data["repeated"]),

@@ -33,7 +33,7 @@ def bottle_calibration(tmp_path: Path, features, **options):
 def test_a_coreset_bank_is_bounded_and_its_scores_stay_on_the_safe_side(
     tmp_path: Path, bottle_features
 ) -> None:
-    package, full = bottle_calibration(tmp_path, bottle_features)
+    package, full = bottle_calibration(tmp_path, bottle_features, coreset=1.0)
     patches = 6 * bottle_features.tokens[0].shape[1]
     _, small = bottle_calibration(tmp_path, bottle_features, bank_patches=patches // 4)
     assert full.bank is None and all(b.shape[0] == patches // 4 for b in small.bank)
@@ -53,7 +53,7 @@ def test_a_coreset_bank_is_bounded_and_its_scores_stay_on_the_safe_side(
 
 def test_at_most_max_voters_join_msm(tmp_path: Path, bottle_features, monkeypatch) -> None:
     monkeypatch.setattr(calibration_module, "MAX_VOTERS", 4)
-    _, made = bottle_calibration(tmp_path, bottle_features)
+    _, made = bottle_calibration(tmp_path, bottle_features, coreset=1.0)
     assert made.sets[0].shape[0] == 4 and made.embeddings.shape[0] == 4
     assert len(made.scores) == 6 and len(made) == 6
     assert made.summary()["voters"] == 4 and made.summary()["bank_patches"] == 6 * 256

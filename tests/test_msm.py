@@ -27,6 +27,7 @@ from musc_edge.lnamd_op import lnamd as lnamd_op
 from musc_edge.msm import BACKENDS, mutual_scores, neighbour_count, tiles
 from musc_edge.msm import op as msm_op
 from musc_edge.msm.bands import score_bands
+from musc_edge.msm.nearest import nearest_distances
 from musc_edge.msm.plan import band_rows
 from tests.helpers import unit_vectors
 from tests.oracle import msm_f64
@@ -246,6 +247,19 @@ def test_cuda_kernels_match_the_oracle(monkeypatch, use_triton: bool, dtype: tor
         lnamd_op(tokens.cuda(), (1, 3, 5)), plain_lnamd(tokens, (1, 3, 5)), strict=True
     ):
         torch.testing.assert_close(ours.cpu(), ref, atol=1e-5, rtol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device; none present")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_nearest_known_good_patches_match_the_cpu(dtype: torch.dtype) -> None:
+    """A calibrated part judged alone on the GPU (the bank there, as `KnownGood` puts it):
+    the CPU's fp32 distances, within the precision's rounding of the cosine."""
+    queries, bank = unit_vectors(3, 256, 384, seed=1), unit_vectors(20, 256, 384, seed=2)
+    exact = nearest_distances(queries, bank)
+    ours = nearest_distances(queries.cuda(), bank.cuda(), dtype).cpu()
+    # d = sqrt(2 - 2 cos): a cosine rounded by eps moves d by at most sqrt(2 eps)
+    eps = torch.finfo(dtype).eps
+    assert (ours - exact).abs().max() <= (2 * eps) ** 0.5 + 1e-5
 
 
 def test_triton_kernel_in_interpreter() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from musc_edge.cli import (
+    bench_bank_cmd,
     bench_cmd,
     bench_line_cmd,
     bench_msm_cmd,
@@ -41,6 +42,7 @@ app.command("rescore")(rescore_cmd.rescore)
 app.command("serve")(serve_cmd.serve)
 bench_cmd.app.command("msm")(bench_msm_cmd.bench_msm)
 bench_cmd.app.command("line")(bench_line_cmd.bench_line)
+bench_cmd.app.command("bank")(bench_bank_cmd.bench_bank)
 bench_cmd.app.command("sinks")(bench_sinks_cmd.bench_sinks)
 bench_cmd.app.command("serve")(bench_serve_cmd.bench_serve)
 app.add_typer(bench_cmd.app, name="bench")

@@ -43,6 +43,12 @@ def bench_line(
     refresh_references: int = typer.Option(
         0, "--refresh-references", min=0, help="As for run: recent clearly-normal parts join."
     ),
+    mutual: list[str] = typer.Option(
+        ["off"],
+        "--mutual",
+        help="As for run, on or off (repeatable, to compare): calibrated parts also scored "
+        "mutually, or judged by their known-good parts alone.",
+    ),
     engine: options.Engine = options.EngineOpt,
     backbone_precision: Precision | None = options.BackbonePrecision,
     window: int | None = options.Window,
@@ -59,6 +65,8 @@ def bench_line(
 
     if bad := [value for value in overlap if value not in OVERLAP]:
         raise typer.BadParameter(f"--overlap takes auto, on or off, not {bad[0]!r}")
+    if bad := [value for value in mutual if value not in SWITCH]:
+        raise typer.BadParameter(f"--mutual takes on or off, not {bad[0]!r}")
     unknown = [name for name in stream if name not in STREAMS]
     if unknown:
         raise typer.BadParameter(f"unknown stream {unknown[0]!r}; choose {', '.join(STREAMS)}")
@@ -77,13 +85,29 @@ def bench_line(
             "items": item,
         }
         streams = {name: STREAMS[name](source) for name in stream}  # all built before any run
-        runs = [(name, chosen, lap) for name in streams for chosen in mode for lap in overlap]
-        for name, chosen, lap in runs:
+        runs = [
+            (name, chosen, lap, scoring)
+            for name in streams
+            for chosen in mode
+            for lap in overlap
+            for scoring in mutual
+        ]
+        for name, chosen, lap, scoring in runs:
             parts = streams[name]
-            console.print(f"{name} stream, {len(parts)} parts, {chosen} mode, overlap {lap} ...")
-            line_settings = {**settings, "mode": chosen, "overlap": OVERLAP[lap]}
+            console.print(
+                f"{name} stream, {len(parts)} parts, {chosen} mode, overlap {lap}, "
+                f"mutual {scoring} ..."
+            )
+            line_settings = {
+                **settings,
+                "mode": chosen,
+                "overlap": OVERLAP[lap],
+                "mutual": SWITCH[scoring],
+            }
             report = run_stream(parts, package, runner, musc, line_settings)
-            rows.append({"stream": name, "mode": chosen, "overlap": lap, **report})
+            rows.append(
+                {"stream": name, "mode": chosen, "overlap": lap, "mutual": scoring, **report}
+            )
             if json_out:  # after every row, so a long run keeps what it measured
                 payload = {
                     "model": str(model),
@@ -98,6 +122,11 @@ def bench_line(
 
 
 OVERLAP = {"auto": None, "on": True, "off": False}  # LineSettings.overlap
+SWITCH = {"on": True, "off": False}  # LineSettings.mutual
+
+
+def optional(value: float | None, form: str) -> str:
+    return "-" if value is None else form.format(value)
 
 
 def show(rows: list[dict], calibrated: bool) -> None:
@@ -105,26 +134,34 @@ def show(rows: list[dict], calibrated: bool) -> None:
         "stream",
         "mode",
         "overlap",
+        "mutual",
         "parts",
         "recall %",
         "false rejects",
         "AUROC",
+        "AUROC mutual",
         "shift",
         "repeated",
         "ms",
+        "p95 ms",
+        "score/features",
     )
     for row in rows:
         table.add_row(
             row["stream"],
             row["mode"],
             row["overlap"],
+            row["mutual"],
             str(row["parts"]),
             "-" if row["recall"] is None else f"{row['recall']:.1f}",
             f"{row['false_rejects']} of {row['good']}",
-            "-" if row["auroc"] is None else f"{row['auroc']:.2f}",
+            optional(row["auroc"], "{:.2f}"),
+            optional(row["auroc_mutual"], "{:.2f}"),
             str(row["shift_records"]),
             str(row["repeated_flags"]),
             f"{row['ms_per_part']:.0f}",
+            optional(row["latency_p95_ms"], "{:.0f}"),
+            optional(row["score_per_feature"], "{:.2f}"),
         )
     console.print(table)
     if not calibrated:

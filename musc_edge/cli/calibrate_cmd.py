@@ -45,12 +45,19 @@ def calibrate(
         help="Cut every part to this box first, x,y,width,height in pixels: the line's "
         "--region (a calibration serves one region).",
     ),
+    coreset: float | None = typer.Option(
+        None,
+        "--coreset",
+        help="Fraction of the good patches kept in the bank (greedy k-centre; default 0.25, "
+        "1: all): what each part is measured against, so it sets the time per part "
+        "(docs/benchmarks.md).",
+    ),
     bank_size: int | None = typer.Option(
         None,
         "--bank-size",
         min=1,
-        help="Good patches kept per pooled set (default: those of 128 parts at 224 px); above "
-        "it a k-centre coreset, so the time per part stays bounded however many are taught.",
+        help="At most this many good patches per pooled set (default 2048), so the time per "
+        "part stays bounded however many parts are taught and whatever the input size.",
     ),
     aligned: bool = typer.Option(
         False,
@@ -86,7 +93,7 @@ def calibrate(
         package = load_package(model)
         runner = open_runner(package, engine.value, allow_random_init=allow_random_init)
         musc = MuSc.for_package(package)
-        settings = (target_frr, aligned, bank_size)
+        settings = (target_frr, aligned, bank_size, coreset)
         for name, box, destination in jobs:
             where = "" if name is None else f" (item {name}, region {box})"
             console.print(f"calibrating {package.folder} on {len(paths)} parts from {good}{where}")
@@ -127,16 +134,16 @@ def calibrate_one(
     good: Path,
     paths: list[Path],
     box: Region | None,
-    settings: tuple[float, bool, int | None],
+    settings: tuple[float, bool, int | None, float | None],
     out: Path,
 ) -> None:
     """One calibration: the parts (cut to `box`) extracted, scored held-out, saved, shown."""
-    from musc_edge.calibration import BANK_PATCHES, calibrate, save_calibration
+    from musc_edge.calibration import BANK_PATCHES, CORESET, calibrate, save_calibration
     from musc_edge.features import extract_features
     from musc_edge.region import cropped
     from musc_edge.runtime.record import utc_now
 
-    target_frr, aligned, bank_size = settings
+    target_frr, aligned, bank_size, coreset = settings
     with progress_bar(console) as bar:
         task = bar.add_task("features", total=len(paths))
         features = extract_features(
@@ -158,6 +165,7 @@ def calibrate_one(
             target_frr,
             aligned,
             bank_size or BANK_PATCHES,
+            CORESET if coreset is None else coreset,
         )
     result.info = {"good": str(good.resolve()), "created": utc_now()}
     result.info["region"] = None if box is None else box.to_json()

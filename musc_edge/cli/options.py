@@ -11,7 +11,7 @@ from musc_edge.runtime import settings as runtime_settings
 from musc_edge.runtime.runners import ENGINES
 
 Preset = typer.Option(
-    None, "--preset", help="Preset name from configs/ or a YAML file (default dinov2-vits14-224)."
+    None, "--preset", help="Preset name from configs/ or a YAML file (default dinov2-vits14-336)."
 )
 Backbone = typer.Option(
     None, "--backbone", "-b", help="Backbone, e.g. dinov2-vits14, ViT-L-14-336."

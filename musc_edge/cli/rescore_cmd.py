@@ -43,6 +43,9 @@ def rescore(
     batch_size: int = typer.Option(
         32, "--batch-size", min=1, help="Images scored together, as the line's --batch-size."
     ),
+    mutual: bool = typer.Option(
+        False, "--mutual", help="As for run: calibrated parts also scored mutually."
+    ),
     engine: options.Engine = options.EngineOpt,
 ) -> None:
     """Re-score an archive on Ray: one record per image in OUT (the fields `run` writes),
@@ -68,6 +71,7 @@ def rescore(
             engine.value,
             cpus_per_worker,
             on_batch=lambda done, total: bar.update(task, completed=done, total=total),
+            mutual=mutual,
         )
     show(summary.to_dict())
     console.print(f"records: {out / 'results.jsonl'} and {out / 'results.parquet'}")

@@ -95,8 +95,18 @@ def run(
         "--refresh-references",
         help="Calibrated: let up to N recent clearly-normal parts join the references (drift).",
     ),
+    mutual: bool = typer.Option(
+        default_of("mutual"),
+        "--mutual",
+        help="Calibrated: also score each part mutually with its batch or window (MuSc's MSM "
+        "and RsCIN); by default a calibrated part is judged by its known-good parts alone, on "
+        "arrival.",
+    ),
     map_norm: MapNorm = typer.Option(
-        default_of("map_norm"), "--map-norm", help="Heatmaps scaled over the batch or per image."
+        default_of("map_norm"),
+        "--map-norm",
+        help="Heatmaps scaled over the batch (calibrated and judged alone: on the "
+        "calibration's scale) or per image.",
     ),
     overlap: bool | None = typer.Option(
         default_of("overlap"),
@@ -217,7 +227,7 @@ def run_line(settings: RunSettings, stop: threading.Event) -> None:
         line = Line(settings, backend)
         console.print(
             f"[bold]musc-edge run[/] {settings.camera_dir} -> {settings.out_dir}\n"
-            f"{described}, {settings.mode.value} mode, batch {settings.batch_size}"
+            f"{described}, {scoring_mode(settings)}, batch {settings.batch_size}"
             f"\n{verdict_basis(line)}"
         )
         if line.stats.resumed or line.stats.dropped:
@@ -239,6 +249,13 @@ def run_line(settings: RunSettings, stop: threading.Event) -> None:
             stats = line.run(stop)
     console.print(status_line(stats))
     console.print(f"results: {settings.out_dir / 'results.jsonl'} and results.csv")
+
+
+def scoring_mode(settings: RunSettings) -> str:
+    """How parts are scored, for the start-up message."""
+    if settings.judged_alone and not settings.remote:
+        return "each part on arrival against its known-good parts (no --mutual)"
+    return f"{settings.mode.value} mode"
 
 
 def local_backend(settings: RunSettings) -> tuple[Backend, str]:

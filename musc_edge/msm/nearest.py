@@ -31,7 +31,7 @@ def nearest_distances(
     are sized so their similarity table stays within `budget_bytes`.
     """
     num_queries, num_patches, width = queries.shape
-    flat_bank = bank.reshape(-1, width).to(dtype)
+    flat_bank = bank.reshape(-1, width).to(queries.device, dtype)  # no copy when it is there
     if leave_out and origin is None:
         origin = torch.arange(bank.shape[0], device=bank.device).repeat_interleave(bank.shape[1])
     per_image = num_patches * flat_bank.shape[0] * FLOAT32_BYTES
@@ -39,11 +39,11 @@ def nearest_distances(
     out = []
     for start in range(0, num_queries, rows):
         block = queries[start : start + rows].to(dtype)
-        similarity = (block.reshape(-1, width) @ flat_bank.T).float()
-        similarity = similarity.view(block.shape[0], num_patches, -1)
+        similarity = (block.reshape(-1, width) @ flat_bank.T).view(block.shape[0], num_patches, -1)
         if leave_out:
             own = torch.arange(start, start + block.shape[0], device=similarity.device)
             mine = origin.to(similarity.device)[None] == own[:, None]  # (rows, M)
             similarity.masked_fill_(mine[:, None, :], -1.0)
-        out.append(distances(similarity.amax(dim=2)))
+        # the maximum before widening: the same value, without a float32 copy of the table
+        out.append(distances(similarity.amax(dim=2).float()))
     return torch.cat(out)

@@ -69,8 +69,8 @@ def test_aligned_calibration_judges_distance_and_positional_deviation(tmp_path: 
     # the verdict map: the larger of distance and deviation, each over its own threshold
     references = loaded.references()
     sets = [z.float()[:2] for z in loaded.sets]
-    distances = [
-        nearest_distances(z, b.float()) for z, b in zip(sets, references.sets, strict=True)
+    distances = [  # against the bank (a coreset of the parts' patches by default)
+        nearest_distances(z, references.patches(index).float()) for index, z in enumerate(sets)
     ]
     plain = sum(distances) / len(sets)
     deviation = sum(
@@ -427,7 +427,7 @@ def test_calibrate_then_run_on_real_bottle_images(
     evaluated = cli.invoke(
         app,
         [
-            *("eval", "--root", str(root), "--category", "bottle"),
+            *("eval", "--root", str(root), "--category", "bottle", "--image-size", "224"),
             *("--calibration", str(cal), "--json", str(report_file)),
         ],
     )

@@ -36,6 +36,12 @@ class Joined:
     raw_score: float  # NaN when the line does not score mutually (RsCIN never reads it then)
 
 
+def judges_alone(known_good: KnownGood | None) -> bool:
+    """Whether these known-good parts judge by themselves (no `--mutual`): each part is then
+    scored alone against them (`scoring.score_known_good`)."""
+    return known_good is not None and not known_good.mutual
+
+
 class KnownGood:
     """The calibration's parts plus up to `refresh` recent parts answered clearly normal."""
 

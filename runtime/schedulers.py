@@ -33,7 +33,7 @@ import torch
 from musc_edge.musc import MuSc
 from musc_edge.profile import Profile
 from musc_edge.runtime.journal import Journal
-from musc_edge.runtime.known_good import KnownGood
+from musc_edge.runtime.known_good import KnownGood, judges_alone
 from musc_edge.runtime.scoring import (
     Part,
     PartAnswers,
@@ -276,7 +276,7 @@ class AloneScheduler(OnArrivalScheduler):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        if any(known is None or known.mutual for known in self.known_good):
+        if not all(judges_alone(known) for known in self.known_good):
             raise ValueError("AloneScheduler needs every item's known-good parts, judging alone")
         for known in self.known_good:
             self._warm_up(known)
@@ -317,6 +317,6 @@ SCHEDULERS: dict[str, type[Scheduler]] = {
 
 def scheduler_name(mode: str, known_good: list[KnownGood | None]) -> str:
     """`alone` when every item is judged by known-good parts alone, else the mode's."""
-    if all(known is not None and not known.mutual for known in known_good):
+    if all(judges_alone(known) for known in known_good):
         return "alone"
     return mode

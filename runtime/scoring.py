@@ -32,7 +32,7 @@ from musc_edge.musc import RELIABLE_BATCH, Hooks, MuSc, MuScResult, References
 from musc_edge.profile import Profile
 from musc_edge.region import Region
 from musc_edge.runtime.camera import Arrival
-from musc_edge.runtime.known_good import KnownGood
+from musc_edge.runtime.known_good import KnownGood, judges_alone
 from musc_edge.visualize import normalise_maps
 
 
@@ -212,10 +212,10 @@ def score_batch(
     also compared with the window's images (references), and every batch then joins the
     window. Larger partial batches are scored on their own, as MuSc does: on a stream of
     grouped defects the previous batch would lend them its defects as look-alikes (measured
-    in docs/runtime.md). Known-good parts that judge alone (`KnownGood.mutual` off) score
+    in docs/runtime.md). Known-good parts that judge alone (`judges_alone`) score
     each item by itself instead. Stages are timed into `profile`."""
     profile = profile or Profile()
-    if known_good is not None and not known_good.mutual:
+    if judges_alone(known_good):
         return score_known_good(items, musc, map_norm, known_good, profile)
     tokens, embeddings = stack_items(items)
     with profile.stage("lnamd"):
@@ -245,7 +245,7 @@ def score_after(
     service): `previous`, the line's last batch, is scored first to rebuild the window a batch
     too small to be judged alone is compared with (the same window when it was one batch)."""
     window = Window(window_size, musc.precision.dtype)
-    if previous and (known_good is None or known_good.mutual):  # else each part is alone
+    if previous and not judges_alone(known_good):  # a part judged alone needs no window
         score_batch(previous, musc, map_norm, known_good, window)
     return score_batch(items, musc, map_norm, known_good, window, profile)
 

@@ -54,6 +54,18 @@ def bench_bank(
     from musc_edge.runtime.runners import open_runner
 
     rows: list = []
+
+    def keep(row) -> None:
+        rows.append(row)
+        console.print(
+            f"  {row.image_size} coreset {row.coreset:g} {row.precision}: recall "
+            f"{row.recall:.1f} %, {row.false_rejects} of {row.good} rejected, AUROC "
+            f"{row.auroc:.2f}, {row.score_ms:.1f} ms against {row.features_ms:.0f}"
+        )
+        if json_out:  # after every row, so a long run keeps what it measured
+            payload = {"root": str(root), "category": category, "parts": len(good)}
+            write_json_atomic(json_out, {**payload, "rows": [r.to_json() for r in rows]})
+
     with user_errors():
         samples = load_samples("mvtec", root, category)
         good = list_images(root / category / "train" / "good")[:parts]
@@ -63,18 +75,6 @@ def bench_bank(
             console.print(
                 f"{package.folder}: {len(good)} good parts taught, {len(samples)} test parts"
             )
-
-            def keep(row) -> None:
-                rows.append(row)
-                console.print(
-                    f"  {row.image_size} coreset {row.coreset:g} {row.precision}: recall "
-                    f"{row.recall:.1f} %, {row.false_rejects} of {row.good} rejected, AUROC "
-                    f"{row.auroc:.2f}, {row.score_ms:.1f} ms against {row.features_ms:.0f}"
-                )
-                if json_out:  # after every row, so a long run keeps what it measured
-                    payload = {"root": str(root), "category": category, "parts": len(good)}
-                    write_json_atomic(json_out, {**payload, "rows": [r.to_json() for r in rows]})
-
             cap = bank_size or BANK_PATCHES
             bank_rows(package, runner, good, samples, coreset, precision, cap, keep)
     show(rows)

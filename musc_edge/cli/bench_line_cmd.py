@@ -153,7 +153,7 @@ def show(rows: list[dict], calibrated: bool) -> None:
             row["overlap"],
             row["mutual"],
             str(row["parts"]),
-            "-" if row["recall"] is None else f"{row['recall']:.1f}",
+            optional(row["recall"], "{:.1f}"),
             f"{row['false_rejects']} of {row['good']}",
             optional(row["auroc"], "{:.2f}"),
             optional(row["auroc_mutual"], "{:.2f}"),
